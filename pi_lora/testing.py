@@ -1,0 +1,118 @@
+"""Tiny random models, a tokenizer and a corpus built locally: fixtures for tests and smoke runs.
+
+Nothing here downloads; every family the core supports can be built in well under a second.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_WORDS = ("the a one every old young quick slow red blue green river stone house king queen "
+          "horse bird ship road light night day sea wind fire tree city field song book door "
+          "runs sees holds finds brings keeps leaves takes gives calls makes knows hears walks "
+          "and but so then while because over under near far into across beside").split()
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma": {"head_dim": 16},
+    "phi3": {"pad_token_id": 0},
+    "gpt_neox": {"rotary_pct": 0.5},
+}
+
+
+def synthetic_text(n_docs: int, words_per_doc: int = 120, seed: int = 0) -> list[str]:
+    """Pseudo-sentences with repeated structure: a tiny model's loss drops fast on them."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sentences = []
+        while sum(len(s.split()) for s in sentences) < words_per_doc:
+            sentences.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 9))) + ".")
+        docs.append(" ".join(sentences).capitalize())
+    return docs
+
+
+def write_corpus(path: Path, n_docs: int = 64, seed: int = 0) -> Path:
+    """A text file with one document per blank-line-separated paragraph."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(synthetic_text(n_docs, seed=seed)) + "\n")
+    return path
+
+
+def make_tokenizer(vocab_size: int = 384) -> Any:
+    """A byte-level BPE tokenizer trained on the synthetic corpus, with bos/eos/pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(synthetic_text(200, seed=1), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>")
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_config(family: str = "llama", *, vocab_size: int = 384, max_positions: int = 128,
+                rope_parameters: dict[str, Any] | None = None) -> Any:
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {
+        "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": max_positions, "bos_token_id": 1, "eos_token_id": 2,
+        "tie_word_embeddings": False, **FAMILY_CONFIGS[family],
+    }
+    if family == "gpt_neox":
+        kwargs.pop("num_key_value_heads")
+    if rope_parameters is not None:
+        kwargs["rope_parameters"] = rope_parameters
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def make_tiny_model(out_dir: Path, family: str = "llama", *, max_positions: int = 128,
+                    rope_parameters: dict[str, Any] | None = None, seed: int = 0,
+                    tie_word_embeddings: bool = False) -> Path:
+    """Save a random tiny causal LM + tokenizer as a normal Hugging Face directory."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = tiny_config(family, vocab_size=len(tokenizer), max_positions=max_positions,
+                         rope_parameters=rope_parameters)
+    config.tie_word_embeddings = tie_word_embeddings
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def main() -> None:
+    """`python -m pi_lora.testing OUT_DIR`: the tiny model + corpus the tiny recipe uses."""
+    import sys
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "build/tiny")
+    make_tiny_model(out / "model", tie_word_embeddings=True)
+    write_corpus(out / "corpus.txt", n_docs=200)
+    print(f"tiny model and corpus written to {out}")
+
+
+if __name__ == "__main__":
+    main()

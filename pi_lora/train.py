@@ -1,0 +1,264 @@
+"""Assemble a transformers Trainer from what the other modules built; no YAML, no loops.
+
+The Trainer owns the loop, checkpointing, resume, gradient accumulation and DeepSpeed. We add
+the chunked loss, saving the LongLoRA extras beside the adapter (checkpoints included, so a
+resume restores them), and a progress line with tokens/s and ETA mirrored to metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pi_lora import __version__
+from pi_lora.data import PackedCollator, build_train_dataset
+from pi_lora.errors import PiLoraError
+from pi_lora.model import (
+    base_parameter_name,
+    count_parameters,
+    load_config,
+    load_model,
+    load_tokenizer,
+    wrap_lora,
+)
+from pi_lora.recipe import Recipe, resolve_deepspeed_config
+from pi_lora.rope import RopePlan, plan_rope
+from pi_lora.rundir import EXTRAS_FILE, RunDir, load_extras, save_extras
+
+
+def _trainer_base() -> type:
+    from transformers import Trainer
+
+    return Trainer
+
+
+def _make_trainer_class() -> type:
+    """Built lazily so importing pi_lora.train does not import transformers."""
+
+    class PiLoraTrainer(_trainer_base()):  # type: ignore[misc]
+        extras_names: list[str] = []
+        chunk_tokens: int | None = None
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            if self.chunk_tokens is None or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            from pi_lora.loss import causal_lm_loss
+
+            loss = causal_lm_loss(
+                model, inputs["input_ids"], inputs["labels"],
+                attention_mask=inputs.get("attention_mask"),
+                position_ids=inputs.get("position_ids"),
+                num_items_in_batch=num_items_in_batch, chunk_tokens=self.chunk_tokens)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return loss
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            super()._save(output_dir, state_dict)
+            if self.args.should_save and self.extras_names and output_dir:
+                save_extras(self._extras_tensors(state_dict), Path(output_dir) / EXTRAS_FILE)
+
+        def _extras_tensors(self, state_dict: dict | None) -> dict[str, torch.Tensor]:
+            """From the (ZeRO-3 gathered) state dict when given, else from live parameters."""
+            if state_dict:
+                found = {base_parameter_name(k): v for k, v in state_dict.items()
+                         if k in self.extras_names}
+                if len(found) == len(self.extras_names):
+                    return found
+            params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+            return {base_parameter_name(n): params[n].detach() for n in self.extras_names}
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            restore_extras(model or self.model, Path(resume_from_checkpoint) / EXTRAS_FILE)
+
+    return PiLoraTrainer
+
+
+def restore_extras(model: Any, path: Path) -> None:
+    """Copy saved extras into a (peft-wrapped) model's parameters."""
+    saved = load_extras(path)
+    if not saved:
+        return
+    params = {base_parameter_name(n): p for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].data.copy_(tensor.to(params[name].dtype))
+
+
+def _progress_callback(run: RunDir, tokens_per_step: int, is_main: bool) -> Any:
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """One line per log: loss, lr, tokens/s, ETA; the same record in metrics.jsonl."""
+
+        def __init__(self) -> None:
+            self.last: tuple[float, int] | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.last = (time.time(), state.global_step)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if not is_main or not logs or "loss" not in logs or self.last is None:
+                return
+            now, step = time.time(), state.global_step
+            steps = max(step - self.last[1], 1)
+            sec_per_step = (now - self.last[0]) / steps
+            self.last = (now, step)
+            remaining = (state.max_steps - step) * sec_per_step
+            record = {"step": step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
+                      "grad_norm": logs.get("grad_norm"), "sec_per_step": sec_per_step,
+                      "tokens_per_sec": tokens_per_step / sec_per_step if sec_per_step else None,
+                      "eta_sec": remaining, "time": now}
+            run.append_metrics(record)
+            print(f"step {step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                  f"lr {record['lr'] or 0:.2e}  {record['tokens_per_sec'] or 0:,.0f} tok/s  "
+                  f"ETA {_fmt_seconds(remaining)}", flush=True)
+
+    return Progress()
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 \
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _report_to(recipe: Recipe) -> list[str]:
+    choice = recipe.training.report_to
+    if choice == "auto":
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    if choice == "none":
+        return []
+    if importlib.util.find_spec(choice) is None:
+        raise PiLoraError(f"{choice} is not installed", field="training.report_to",
+                          fix=f"pip install {choice}, or report_to: none")
+    return [choice]
+
+
+def training_arguments(recipe: Recipe, run: RunDir) -> Any:
+    """TrainingArguments from the recipe: every Trainer knob has exactly one source here."""
+    from transformers import TrainingArguments
+
+    t = recipe.training
+    # transformers 5 takes the tensorboard directory from the environment only
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.path / "tensorboard"))
+    deepspeed = str(resolve_deepspeed_config(t.deepspeed)) if t.deepspeed else None
+    return TrainingArguments(
+        output_dir=str(run.checkpoints_dir), max_steps=t.max_steps, learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+        max_grad_norm=t.max_grad_norm, per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=t.precision == "bf16", fp16=t.precision == "fp16", seed=t.seed, data_seed=t.seed,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps, report_to=_report_to(recipe),
+        deepspeed=deepspeed, disable_tqdm=True, remove_unused_columns=False,
+        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run the recipe; returns the run directory. Safe to start under torchrun/deepspeed."""
+    from transformers import set_seed
+
+    is_main = _is_main()
+    run = RunDir(recipe.output_dir)
+    config = load_config(recipe.model)
+    plan = plan_rope(recipe.rope, config)
+    tokenizer = load_tokenizer(recipe.model)
+    run.prepare(recipe, resume=resume, overwrite=overwrite, is_main=is_main)
+    set_seed(recipe.training.seed)
+    built = build_train_dataset(recipe.data, tokenizer, recipe.seq_len, seed=recipe.training.seed)
+    model = load_model(recipe.model, plan)
+    model = wrap_lora(model, recipe.lora, gradient_checkpointing=recipe.training.gradient_checkpointing)
+    if recipe.training.s2_attn:
+        from pi_lora.attention import enable_s2_attention
+
+        enable_s2_attention(model, recipe.training.s2_group_fraction)
+    trainer = _build_trainer(recipe, run, model, tokenizer, built.train)
+    trainable, total = count_parameters(model)
+    if is_main:
+        _write_start_facts(run, recipe, plan, trainer.extras_names, trainable, total, built)
+        print(f"pi-lora: {recipe.model.name} {plan.method} x{plan.factor:g} "
+              f"({plan.original_context} -> {plan.target_context}), {len(built.train)} sequences "
+              f"of {recipe.seq_len}, trainable {trainable:,} / {total:,}", flush=True)
+    checkpoint = run.latest_checkpoint() if resume else None
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    _save_final(trainer, run)
+    if is_main:
+        run.write_facts({"status": "complete", "final_loss": _last_loss(trainer),
+                         "train_loss": result.training_loss, "steps": trainer.state.global_step,
+                         "train_seconds": time.time() - started})
+    return run.path
+
+
+def _build_trainer(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, dataset: Any) -> Any:
+    from pi_lora.model import extras_parameter_names
+
+    cls = _make_trainer_class()
+    tokens_per_step = (recipe.seq_len * recipe.training.per_device_batch_size
+                       * recipe.training.gradient_accumulation_steps * _world_size())
+    trainer = cls(model=model, args=training_arguments(recipe, run), train_dataset=dataset,
+                  data_collator=PackedCollator(tokenizer.pad_token_id),
+                  callbacks=[_progress_callback(run, tokens_per_step, _is_main())])
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
+    trainer.extras_names = extras_parameter_names(model, recipe.lora.trainable_extras)
+    trainer.chunk_tokens = recipe.training.loss_chunk_tokens if recipe.training.chunked_loss else None
+    return trainer
+
+
+def _save_final(trainer: Any, run: RunDir) -> None:
+    """Adapter + extras into the run dir (gathered under ZeRO-3 by Trainer.save_model)."""
+    trainer.save_model(str(run.adapter_dir))
+    produced = run.adapter_dir / EXTRAS_FILE
+    if trainer.args.should_save and produced.is_file():
+        produced.replace(run.extras_path)
+
+
+def _last_loss(trainer: Any) -> float | None:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses[-1] if losses else None
+
+
+def _write_start_facts(run: RunDir, recipe: Recipe, plan: RopePlan, extras: list[str],
+                       trainable: int, total: int, built: Any) -> None:
+    import transformers
+
+    run.write_facts({
+        "pi_lora_version": __version__, "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__, "status": "training",
+        "base_model": recipe.model.name, "rope": plan.to_dict(),
+        "extras": [base_parameter_name(n) for n in extras],
+        "trainable_parameters": trainable, "total_parameters": total,
+        "train_sequences": len(built.train), "train_tokens": built.tokens,
+        "seq_len": recipe.seq_len, "world_size": _world_size(),
+        "data_cache": str(built.cache_path),
+        "epochs_for_max_steps": _epochs(recipe, len(built.train)),
+    })
+
+
+def _epochs(recipe: Recipe, sequences: int) -> float:
+    per_step = (recipe.training.per_device_batch_size
+                * recipe.training.gradient_accumulation_steps * _world_size())
+    return math.ceil(recipe.training.max_steps * per_step / max(sequences, 1) * 100) / 100

@@ -1,0 +1,134 @@
+"""End to end on tiny models: train lowers the loss, merge reloads in plain transformers with
+matching logits and the scaling in config.json, resume continues from the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pi_lora.cli import main
+from pi_lora.errors import PiLoraError
+from pi_lora.merge import merge_run
+from pi_lora.recipe import load_recipe
+from pi_lora.rundir import RunDir
+from pi_lora.train import train
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("family", "tie"), [("llama", True), ("qwen2", False)])
+def test_train_then_merge_release(family: str, tie: bool, tiny_models, write_recipe,
+                                  tmp_path: Path) -> None:
+    recipe = load_recipe(write_recipe(tiny_models(family, tie=tie), training={"max_steps": 10}))
+    run = train(recipe)
+    losses = _losses(run)
+    assert len(losses) == 10
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    rd = RunDir(run)
+    assert (rd.adapter_dir / "adapter_config.json").is_file()
+    facts = rd.read_facts()
+    assert facts["status"] == "complete" and facts["rope"]["factor"] == 2.0
+    assert facts["extras"], "embeddings and norms were trained"
+
+    report = merge_run(run, tmp_path / "release")
+    assert report.relative_diff <= report.tolerance and report.top1_agreement == 1.0
+    assert report.probe_tokens > 128  # past the original window
+    config = json.loads((tmp_path / "release" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "linear"
+    assert config["rope_parameters"]["factor"] == 2.0
+    assert config["rope_scaling"]["type"] == "linear"
+    assert config["max_position_embeddings"] == 256
+    assert "quantization_config" not in config
+    for name in ("README.md", "tokenizer.json", "generation_config.json", "merge_report.json"):
+        assert (tmp_path / "release" / name).is_file()
+    assert not list(tmp_path.glob(".release.tmp-*"))
+
+
+def test_merged_logits_equal_base_plus_adapter(tiny_models, write_recipe, tmp_path: Path) -> None:
+    """Independent of merge's own check: peft on a fresh base vs the release, past 128."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pi_lora.model import load_model
+    from pi_lora.rope import RopePlan
+    from pi_lora.train import restore_extras
+
+    recipe = load_recipe(write_recipe(tiny_models("llama"), training={"max_steps": 4}))
+    run = RunDir(train(recipe))
+    merge_run(run.path, tmp_path / "rel")
+    plan = RopePlan.from_dict(run.read_facts()["rope"])
+    base = PeftModel.from_pretrained(load_model(recipe.model, plan), str(run.adapter_dir))
+    restore_extras(base, run.extras_path)
+    release = AutoModelForCausalLM.from_pretrained(str(tmp_path / "rel"))
+    ids = torch.randint(0, 300, (1, 250), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(release(ids).logits, base(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_catches_lost_rope_scaling(tiny_models, write_recipe, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the release config lost its scaling, the verification fails and nothing is left."""
+    import pi_lora.merge as merge
+
+    recipe = load_recipe(write_recipe(tiny_models("llama"), training={"max_steps": 2}))
+    run = train(recipe)
+    real_save = merge._save_release
+
+    def lossy_save(model, out, *args):
+        model.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        real_save(model, out, *args)
+        cfg = json.loads((out / "config.json").read_text())
+        cfg.pop("rope_scaling", None)
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+        (out / "config.json").write_text(json.dumps(cfg))
+
+    monkeypatch.setattr(merge, "_save_release", lossy_save)
+    with pytest.raises(PiLoraError, match="disagrees"):
+        merge_run(run, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    assert not list(tmp_path.glob(".bad.tmp-*"))
+
+
+def test_resume_continues_from_checkpoint(tiny_models, write_recipe, tmp_path: Path) -> None:
+    model_dir = tiny_models("llama")
+    full = train(load_recipe(write_recipe(model_dir, "full.yaml", output_dir=str(tmp_path / "a"))))
+    path = write_recipe(model_dir, "part.yaml", output_dir=str(tmp_path / "b"))
+    train(load_recipe(path, ["training.max_steps=3"]))
+    # a second start without --resume refuses to clobber the run
+    with pytest.raises(PiLoraError, match="already exists"):
+        train(load_recipe(path))
+    resumed = train(load_recipe(path), resume=True)
+    uninterrupted, continued = _losses(full), _losses(resumed)
+    assert len(continued) == 6  # 3 before + 3 after the restart, appended to the same file
+    assert continued == pytest.approx(uninterrupted, rel=1e-4)
+
+
+def test_merge_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["merge", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "recipe.yaml not found" in err and "pi-lora train" in err
+
+
+def test_cli_train_and_merge(tiny_models, write_recipe, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_recipe(tiny_models("llama"), training={"max_steps": 2})
+    assert main(["train", str(path)]) == 0
+    assert main(["merge", str(tmp_path / "run"), "--output", str(tmp_path / "rel")]) == 0
+    out = capsys.readouterr().out
+    assert "max |logit diff|" in out
+    assert main(["merge", str(tmp_path / "run"), "--output", str(tmp_path / "rel")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_missing_model_is_a_clear_error(write_recipe, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_recipe(tmp_path / "no-such-model")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.name" in err and "does not exist" in err
+    assert not (tmp_path / "run").exists()
