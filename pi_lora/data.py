@@ -8,6 +8,7 @@ transformers turns into a block-diagonal causal mask, so samples never attend to
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -169,7 +170,7 @@ def pack_chat(examples: list[tuple[list[int], list[int]]], seq_len: int) -> list
             current = {"input_ids": [], "labels": [], "position_ids": []}
         current["input_ids"] += ids
         # the first token of a conversation must not be predicted from the previous one
-        current["labels"] += [IGNORE_INDEX] + labels[1:]
+        current["labels"] += [IGNORE_INDEX, *labels[1:]]
         current["position_ids"] += list(range(len(ids)))
     if current["input_ids"]:
         packs.append(current)
@@ -238,10 +239,8 @@ def build_train_dataset(data: DataSection, tokenizer: Any, seq_len: int, *, seed
         if val:
             datasets.Dataset.from_list(val).save_to_disk(str(tmp / "validation"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with contextlib.suppress(OSError):  # another process finished first
             os.replace(tmp, path)
-        except OSError:  # another process finished first
-            pass
     train = datasets.load_from_disk(str(path / "train"))
     validation = datasets.load_from_disk(str(path / "validation")) \
         if (path / "validation").is_dir() else None

@@ -22,7 +22,7 @@ from pi_lora.errors import PiLoraError
 from pi_lora.model import TORCH_DTYPES, load_model, load_tokenizer
 from pi_lora.recipe import DType, Recipe
 from pi_lora.rope import RopePlan
-from pi_lora.rundir import RunDir, load_extras
+from pi_lora.rundir import RunDir, apply_extras
 
 # max |logit difference| relative to max |logit|, by release dtype (rounding of merged weights)
 RELATIVE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
@@ -81,7 +81,7 @@ def _merge_into(tmp: Path, run: RunDir, recipe: Recipe, plan: RopePlan, facts: d
 
     work_dtype = _work_dtype(facts, release_dtype)
     base = load_model(recipe.model, plan, dtype=work_dtype, quantize=False)
-    _load_extras_into(base, run)
+    apply_extras(base, run.extras_path)
     model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     model.eval()
     probe = _probe_ids(base.config, plan, probe_tokens)
@@ -102,24 +102,6 @@ def _work_dtype(facts: dict[str, Any], release_dtype: DType) -> DType:
     except (ValueError, OSError):
         ram = 0
     return "fp32" if total and total * 4 * 2 < ram / 2 else release_dtype
-
-
-def _load_extras_into(base: Any, run: RunDir) -> None:
-    extras = load_extras(run.extras_path)
-    if not extras:
-        return
-    own = dict(base.named_parameters())
-    missing = [k for k in extras if k not in own]
-    if missing:
-        raise PiLoraError(f"extras {missing[:3]} do not exist in the base model", field="RUN_DIR",
-                          fix="merge with the base model the run was trained on")
-    with torch.no_grad():
-        for name, tensor in extras.items():
-            if tensor.shape != own[name].shape:
-                raise PiLoraError(f"extra {name} has shape {tuple(tensor.shape)}, base has "
-                                  f"{tuple(own[name].shape)}", field="RUN_DIR",
-                                  fix="the run saved sharded extras; re-save it from a checkpoint")
-            own[name].copy_(tensor.to(own[name].dtype))
 
 
 def _probe_ids(config: Any, plan: RopePlan, probe_tokens: int | None) -> torch.Tensor:

@@ -134,3 +134,25 @@ def load_extras(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path)) if path.is_file() else {}
+
+
+def apply_extras(model: Any, path: Path) -> int:
+    """Copy saved extras into a base or peft-wrapped model; returns how many were applied.
+
+    Names are matched on base-model keys, so the same file serves resume (peft model),
+    merge (bare base) and eval. A name or shape mismatch means the wrong base model.
+    """
+    from pi_lora.model import base_parameter_name
+
+    extras = load_extras(path)
+    params = {base_parameter_name(n): p for n, p in model.named_parameters()}
+    for name, tensor in extras.items():
+        own = params.get(name)
+        if own is None or own.shape != tensor.shape:
+            found = "missing" if own is None else f"shape {tuple(own.shape)}"
+            raise PiLoraError(
+                f"extra {name} {tuple(tensor.shape)} does not fit the base model ({found})",
+                field="RUN_DIR", fix="use the base model the run was trained on")
+        with torch.no_grad():
+            own.copy_(tensor.to(own.dtype))
+    return len(extras)

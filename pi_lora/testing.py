@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 
-_WORDS = ("the a one every old young quick slow red blue green river stone house king queen "
-          "horse bird ship road light night day sea wind fire tree city field song book door "
-          "runs sees holds finds brings keeps leaves takes gives calls makes knows hears walks "
-          "and but so then while because over under near far into across beside").split()
+_WORDS = (
+    "the a one every old young quick slow red blue green river stone house king queen horse bird "
+    "ship road light night day sea wind fire tree city field song book door runs sees holds finds "
+    "brings keeps leaves takes gives calls makes knows hears walks and but so then while because "
+    "over under near far into across beside"
+).split()
 
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"

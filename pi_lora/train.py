@@ -29,7 +29,7 @@ from pi_lora.model import (
 )
 from pi_lora.recipe import Recipe, resolve_deepspeed_config
 from pi_lora.rope import RopePlan, plan_rope
-from pi_lora.rundir import EXTRAS_FILE, RunDir, load_extras, save_extras
+from pi_lora.rundir import EXTRAS_FILE, RunDir, apply_extras, save_extras
 
 
 def _trainer_base() -> type:
@@ -42,7 +42,7 @@ def _make_trainer_class() -> type:
     """Built lazily so importing pi_lora.train does not import transformers."""
 
     class PiLoraTrainer(_trainer_base()):  # type: ignore[misc]
-        extras_names: list[str] = []
+        extras_names: tuple[str, ...] = ()
         chunk_tokens: int | None = None
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -77,20 +77,9 @@ def _make_trainer_class() -> type:
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-            restore_extras(model or self.model, Path(resume_from_checkpoint) / EXTRAS_FILE)
+            apply_extras(model or self.model, Path(resume_from_checkpoint) / EXTRAS_FILE)
 
     return PiLoraTrainer
-
-
-def restore_extras(model: Any, path: Path) -> None:
-    """Copy saved extras into a (peft-wrapped) model's parameters."""
-    saved = load_extras(path)
-    if not saved:
-        return
-    params = {base_parameter_name(n): p for n, p in model.named_parameters()}
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].data.copy_(tensor.to(params[name].dtype))
 
 
 def _progress_callback(run: RunDir, tokens_per_step: int, is_main: bool) -> Any:
@@ -223,7 +212,7 @@ def _build_trainer(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, data
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
-    trainer.extras_names = extras_parameter_names(model, recipe.lora.trainable_extras)
+    trainer.extras_names = tuple(extras_parameter_names(model, recipe.lora.trainable_extras))
     trainer.chunk_tokens = recipe.training.loss_chunk_tokens if recipe.training.chunked_loss else None
     return trainer
 

@@ -56,14 +56,14 @@ def test_merged_logits_equal_base_plus_adapter(tiny_models, write_recipe, tmp_pa
 
     from pi_lora.model import load_model
     from pi_lora.rope import RopePlan
-    from pi_lora.train import restore_extras
+    from pi_lora.rundir import apply_extras
 
     recipe = load_recipe(write_recipe(tiny_models("llama"), training={"max_steps": 4}))
     run = RunDir(train(recipe))
     merge_run(run.path, tmp_path / "rel")
     plan = RopePlan.from_dict(run.read_facts()["rope"])
     base = PeftModel.from_pretrained(load_model(recipe.model, plan), str(run.adapter_dir))
-    restore_extras(base, run.extras_path)
+    apply_extras(base, run.extras_path)
     release = AutoModelForCausalLM.from_pretrained(str(tmp_path / "rel"))
     ids = torch.randint(0, 300, (1, 250), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
