@@ -1,0 +1,149 @@
+"""Command-line target specs -> `EvalTarget`s: base models (with rope overrides), runs, releases.
+
+    pi-lora eval BASE --rope none --rope linear:16384 --rope yarn:16384   # zero-shot methods
+    pi-lora eval runs/llama2-13b-16k                                      # base + adapter
+    pi-lora eval release/llama2-13b-16k                                   # merged release
+    pi-lora eval "PI x4=release/a" "YaRN=release/b"                       # LABEL=SPEC
+
+Every loader call builds a fresh model, so a stateful rotary (dynamic NTK) starts clean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pi_lora.errors import PiLoraError
+from pi_lora.eval.runner import EvalTarget, ModelPair
+from pi_lora.model import load_config, load_model, load_tokenizer
+from pi_lora.recipe import DType, ModelSection
+from pi_lora.rope import RopePlan, rope_override
+from pi_lora.rundir import FACTS_FILE, RunDir, apply_extras
+
+_DTYPE_NAMES: dict[torch.dtype, DType] = {torch.bfloat16: "bf16", torch.float16: "fp16",
+                                          torch.float32: "fp32"}
+ROPE_METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """`none` (the model as it is) or METHOD:TARGET_CONTEXT."""
+
+    method: str
+    target_context: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> RopeSpec:
+        if text in ("none", "plain"):
+            return cls("none", None)
+        method, _, length = text.partition(":")
+        if method not in ROPE_METHODS or not length:
+            raise PiLoraError(f"--rope {text!r} is not METHOD:LENGTH", field="--rope",
+                              fix=f"e.g. --rope linear:16384; methods: none, {', '.join(ROPE_METHODS)}")
+        return cls(method, parse_length(length, "--rope"))
+
+
+def parse_length(text: str, field: str) -> int:
+    """`16384`, `16k` or `16K` (k = 1024, as context windows are counted)."""
+    text = text.strip().lower()
+    try:
+        return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+    except ValueError:
+        raise PiLoraError(f"{text!r} is not a length", field=field, fix="e.g. 4096 or 4k") from None
+
+
+def resolve_targets(specs: list[str], ropes: list[str], dtype: torch.dtype,
+                    trust_remote_code: bool = False) -> list[EvalTarget]:
+    """One target per run/release, and one per --rope for each base model."""
+    rope_specs = [RopeSpec.parse(r) for r in ropes] or [RopeSpec("none", None)]
+    targets: list[EvalTarget] = []
+    for raw in specs:
+        label, spec = _split_label(raw)
+        kind = _kind(spec)
+        if kind == "run":
+            targets.append(_run_target(spec, label, dtype))
+        elif kind == "release":
+            targets.append(_model_target(spec, label, dtype, None, "release", trust_remote_code))
+        else:
+            for rope in rope_specs:
+                targets.append(_model_target(spec, label, dtype, rope, "base", trust_remote_code))
+    return targets
+
+
+def _split_label(raw: str) -> tuple[str | None, str]:
+    label, sep, spec = raw.partition("=")
+    if sep and not Path(raw).exists():
+        return label, spec
+    return None, raw
+
+
+def _kind(spec: str) -> str:
+    path = Path(spec)
+    if (path / FACTS_FILE).is_file():
+        return "run"
+    if (path / "pi_lora_recipe.yaml").is_file():
+        return "release"
+    if path.exists() or spec.endswith(".gguf") or spec.count("/") == 1:
+        return "base"
+    raise PiLoraError(f"{spec} is neither a run directory, a model directory nor a hub id",
+                      field="TARGET", fix="give a path written by pi-lora train/merge, or a model")
+
+
+def _short_name(spec: str) -> str:
+    return Path(spec.rstrip("/")).name or spec
+
+
+def _model_section(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> ModelSection:
+    return ModelSection(name=spec, dtype=_DTYPE_NAMES[dtype], trust_remote_code=trust_remote_code)
+
+
+def _model_target(spec: str, label: str | None, dtype: torch.dtype, rope: RopeSpec | None,
+                  kind: str, trust_remote_code: bool) -> EvalTarget:
+    section = _model_section(spec, dtype, trust_remote_code)
+    plan = None
+    if rope is not None and rope.method != "none":
+        assert rope.target_context is not None
+        plan = rope_override(rope.method, rope.target_context, load_config(section))
+    name = label or _default_label(spec, kind, plan)
+    describe: dict[str, Any] = {"kind": kind, "model": spec,
+                                "rope": plan.to_dict() if plan else "as in the model config"}
+
+    def load() -> ModelPair:
+        return load_model(section, plan), load_tokenizer(section)
+
+    return EvalTarget(name, load, describe)
+
+
+def _default_label(spec: str, kind: str, plan: RopePlan | None) -> str:
+    name = _short_name(spec)
+    if kind == "release":
+        return f"{name} [release]"
+    if plan is None:
+        return f"{name} (plain RoPE)"
+    return f"{name} + {plan.method} x{plan.factor:g} (untuned)"
+
+
+def _run_target(spec: str, label: str | None, dtype: torch.dtype) -> EvalTarget:
+    """Base + adapter + extras from a run directory, merged in memory for speed."""
+    run = RunDir(spec)
+    run.check_complete()
+    recipe = run.load_recipe()
+    plan = RopePlan.from_dict(run.read_facts()["rope"])
+    section = recipe.model.model_copy(update={"dtype": _DTYPE_NAMES[dtype]})
+
+    def load() -> ModelPair:
+        from peft import PeftModel
+
+        base = load_model(section, plan)
+        model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+        apply_extras(model, run.extras_path)
+        if section.quantization is None:
+            model = model.merge_and_unload()
+        return model, load_tokenizer(section)
+
+    describe = {"kind": "run", "run_dir": spec, "base_model": recipe.model.name,
+                "rope": plan.to_dict()}
+    return EvalTarget(label or f"{_short_name(spec)} [run]", load, describe)

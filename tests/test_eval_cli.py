@@ -1,0 +1,52 @@
+"""`pi-lora eval` over the three target kinds (base + rope override, run, release) in one report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pi_lora.cli import main
+from pi_lora.errors import PiLoraError
+from pi_lora.eval.targets import RopeSpec, parse_length
+
+
+def test_rope_and_length_specs() -> None:
+    assert RopeSpec.parse("yarn:16k") == RopeSpec("yarn", 16384)
+    assert RopeSpec.parse("none") == RopeSpec("none", None)
+    assert parse_length("4096", "x") == 4096
+    with pytest.raises(PiLoraError, match="METHOD:LENGTH"):
+        RopeSpec.parse("pi:4k")
+    with pytest.raises(PiLoraError, match="not a length"):
+        parse_length("lots", "--ppl-lengths")
+
+
+def test_eval_base_run_and_release_in_one_report(tiny_models, write_recipe, corpus: Path,
+                                                 tmp_path: Path) -> None:
+    model_dir = tiny_models("llama")
+    assert main(["train", str(write_recipe(model_dir, training={"max_steps": 2}))]) == 0
+    assert main(["merge", str(tmp_path / "run"), "--output", str(tmp_path / "rel")]) == 0
+    out = tmp_path / "report"
+    code = main(["eval", str(model_dir), f"mine={tmp_path / 'run'}", str(tmp_path / "rel"),
+                 "--rope", "none", "--rope", "linear:256", "--passkey-lengths", "256",
+                 "--depths", "0,1", "--trials", "1", "--ppl-lengths", "128,256", "--stride", "64",
+                 "--docs", str(corpus), "--max-windows", "2", "--dtype", "fp32", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    labels = [t["label"] for t in report["targets"]]
+    assert labels == [f"{model_dir.name} (plain RoPE)", f"{model_dir.name} + linear x2 (untuned)",
+                      "mine", "rel [release]"]
+    ppl = {t["label"]: t["perplexity"]["by_length"] for t in report["targets"]}
+    # the release is the run merged: same numbers up to float rounding
+    for length in ("128", "256"):
+        assert ppl["mine"][length]["ppl"] == pytest.approx(ppl["rel [release]"][length]["ppl"],
+                                                           rel=1e-3)
+    assert (out / "report.md").read_text().count("![") >= 2
+
+
+def test_eval_bad_options_exit_2(tiny_models, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(tiny_models("llama")), "--no-passkey"]) == 2
+    assert "documents" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nope" / "x" / "y")]) == 2
