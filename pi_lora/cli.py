@@ -9,8 +9,10 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pi_lora.errors import EXIT_USER_ERROR, PiLoraError
+from pi_lora.launch import LaunchPlan, add_launch_arguments, plan_from_args
 
 
 def _quiet_libraries() -> None:
@@ -37,13 +39,26 @@ def cmd_validate(recipe_path: str, overrides: list[str]) -> int:
     return 0
 
 
-def cmd_train(recipe_path: str, overrides: list[str], resume: bool, overwrite: bool) -> int:
+def cmd_train(recipe_path: str, overrides: list[str], resume: bool, overwrite: bool,
+              launch: LaunchPlan) -> int:
+    """Train in this process, or relaunch this command under torchrun / deepspeed."""
+    from pi_lora.distributed import process_info
+    from pi_lora.launch import maybe_relaunch, needs_launch, train_child_args
     from pi_lora.recipe import load_recipe
-    from pi_lora.train import train
+    from pi_lora.rundir import RunDir
 
     recipe = load_recipe(recipe_path, overrides)
+    if needs_launch(launch):  # user errors exit 2 here, not inside N processes
+        RunDir(recipe.output_dir).prepare(recipe, resume=resume, overwrite=overwrite,
+                                          is_main=False)
+    status = maybe_relaunch(launch, train_child_args(recipe_path, overrides, resume, overwrite))
+    if status is not None:
+        return status
+    from pi_lora.train import train
+
     run = train(recipe, resume=resume, overwrite=overwrite)
-    print(f"pi-lora: run saved in {run}\n  next: pi-lora merge {run}")
+    if process_info().is_main:
+        print(f"pi-lora: run saved in {run}\n  next: pi-lora merge {run}")
     return 0
 
 
@@ -53,12 +68,75 @@ def cmd_merge(run_dir: str, output: str | None, dtype: str | None, probe_tokens:
 
     report = merge_run(run_dir, output, dtype=dtype, probe_tokens=probe_tokens,  # type: ignore[arg-type]
                        overwrite=overwrite)
-    print(f"pi-lora: release written to {report.release_dir} ({report.dtype})\n"
-          f"  verification on {report.probe_tokens} probe tokens: max |logit diff| "
-          f"{report.max_abs_diff:.3g} ({report.relative_diff:.3%} of max |logit| "
-          f"{report.max_abs_logit:.3g}; tolerance {report.tolerance:.2%}), top-1 agreement "
-          f"{report.top1_agreement:.2%}, {report.seconds:.1f}s\n"
-          f"  next: pi-lora eval {report.release_dir}")
+    lines = [
+        f"pi-lora: release written to {report.release_dir} ({report.dtype})",
+        f"  verification on {report.probe_tokens} probe tokens: max |logit diff| "
+        f"{report.max_abs_diff:.3g} ({report.relative_diff:.3%} of max |logit| "
+        f"{report.max_abs_logit:.3g}; tolerance {report.tolerance:.2%}), top-1 agreement "
+        f"{report.top1_agreement:.2%}, {report.seconds:.1f}s",
+    ]
+    if report.quantized_max_abs_diff is not None:
+        lines.append(f"  vs the quantized model as trained (QLoRA): max |logit diff| "
+                     f"{report.quantized_max_abs_diff:.3g}, top-1 agreement "
+                     f"{report.quantized_top1_agreement:.2%}")
+    lines.append(f"  next: pi-lora eval {report.release_dir}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Passkey + perplexity for every target into one report (JSON, Markdown, PNGs)."""
+    import time
+
+    from pydantic import ValidationError
+
+    from pi_lora.eval.report import render_markdown
+    from pi_lora.eval.runner import EvalSettings, resolve_dtype, run_eval
+    from pi_lora.eval.targets import parse_length, resolve_targets
+
+    def lengths(text: str | None, flag: str) -> list[int] | None:
+        return [parse_length(x, flag) for x in text.split(",")] if text else None
+
+    given = {
+        "passkey": not args.no_passkey, "perplexity": not args.no_ppl,
+        "passkey_lengths": lengths(args.passkey_lengths, "--passkey-lengths"),
+        "passkey_depths": [float(x) for x in args.depths.split(",")] if args.depths else None,
+        "passkey_trials": args.trials, "seed": args.seed, "k_max_threshold": args.k_max_threshold,
+        "ppl_lengths": lengths(args.ppl_lengths, "--ppl-lengths"), "ppl_stride": args.stride,
+        "ppl_mode": args.ppl_mode, "documents": args.docs or None,
+        "ppl_max_windows": args.max_windows, "dtype": args.dtype, "device": args.device,
+    }
+    try:
+        settings = EvalSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        flag = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-") or "options"
+        raise PiLoraError(first["msg"], field=flag, fix="see pi-lora eval --help") from None
+    targets = resolve_targets(args.targets, args.rope, resolve_dtype(settings),
+                              args.trust_remote_code)
+    out = Path(args.out or f"reports/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    report = run_eval(targets, settings, out)
+    print(render_markdown(report))
+    print(f"pi-lora: report written to {out}/report.md (numbers and protocol: {out}/report.json)")
+    return 0
+
+
+def cmd_plan(recipe_path: str, overrides: list[str], gpu: str, gpus: int, nodes: int,
+             as_json: bool) -> int:
+    """Memory per device, step time and cost of a recipe, offline, before launching it."""
+    import contextlib
+    import json
+
+    from pi_lora.plan import device_names, get_device, plan_recipe, plan_to_dict, render_table
+    from pi_lora.recipe import load_recipe
+
+    device = get_device(gpu)
+    if device is None:
+        raise PiLoraError(f"unknown device {gpu!r}", field="--gpu",
+                          fix=f"one of {', '.join(device_names())}")
+    with contextlib.redirect_stdout(sys.stderr):  # library banners must not corrupt --json
+        plan = plan_recipe(load_recipe(recipe_path, overrides), device, gpus=gpus, nodes=nodes)
+    print(json.dumps(plan_to_dict(plan), indent=1) if as_json else render_table(plan))
     return 0
 
 
@@ -83,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.set_defaults(run=lambda a: cmd_train(a.recipe, a.overrides, a.resume, a.overwrite))
+    add_launch_arguments(p)
+    p.set_defaults(run=lambda a: cmd_train(a.recipe, a.overrides, a.resume, a.overwrite,
+                                           plan_from_args(a)))
 
     p = sub.add_parser("merge", help="fold the adapter into a verified release checkpoint")
     p.add_argument("run_dir")
@@ -93,6 +173,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=lambda a: cmd_merge(a.run_dir, a.output, a.dtype, a.probe_tokens,
                                            a.overwrite))
+
+    p = sub.add_parser("eval", help="passkey retrieval + perplexity vs length, one report")
+    p.add_argument("targets", nargs="+", metavar="TARGET",
+                   help="run dir, release dir, model dir/hub id/.gguf; LABEL=TARGET to name a row")
+    p.add_argument("--rope", action="append", default=[], metavar="METHOD:LEN",
+                   help="zero-shot rope for base models (repeatable): none, linear:16k, "
+                        "dynamic:16k, yarn:16k, ntk:16k, llama3:16k")
+    p.add_argument("--out", help="report directory (default: reports/eval-TIMESTAMP)")
+    p.add_argument("--passkey-lengths", help="comma list, e.g. 1k,2k,4k,8k")
+    p.add_argument("--depths", help="key depths as fractions, e.g. 0,0.25,0.5,0.75,1")
+    p.add_argument("--trials", type=int, help="trials per (length, depth)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--k-max-threshold", type=float, help="success rate for k_max (paper: 0.2)")
+    p.add_argument("--ppl-lengths", help="comma list, e.g. 2k,4k,8k,16k")
+    p.add_argument("--stride", type=int, help="sliding-window stride (default 256)")
+    p.add_argument("--ppl-mode", choices=["sliding", "whole-window"])
+    p.add_argument("--docs", action="append", type=Path, help="text file or directory (repeatable)")
+    p.add_argument("--max-windows", type=int, help="windows per length (bounds cost)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--device")
+    p.add_argument("--no-passkey", action="store_true")
+    p.add_argument("--no-ppl", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("plan", help="memory, time and cost of a recipe before launch (offline)")
+    _add_recipe_args(p)
+    p.add_argument("--gpu", default="h100-80gb",
+                   help="device: h100-80gb, h200, a100-80gb, a100-40gb, l40s, rtx4090, ..., cpu")
+    p.add_argument("--gpus", type=int, default=1, help="devices per node")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=lambda a: cmd_plan(a.recipe, a.overrides, a.gpu, a.gpus, a.nodes, a.json))
     return parser
 
 

@@ -40,6 +40,9 @@ class MergeReport:
     top1_agreement: float
     seconds: float
     quantized_base: bool = False
+    # release vs the quantized model as trained (QLoRA runs only)
+    quantized_max_abs_diff: float | None = None
+    quantized_top1_agreement: float | None = None
 
 
 def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
@@ -80,7 +83,7 @@ def _merge_into(tmp: Path, run: RunDir, recipe: Recipe, plan: RopePlan, facts: d
     from peft import PeftModel
 
     work_dtype = _work_dtype(facts, release_dtype)
-    base = load_model(recipe.model, plan, dtype=work_dtype, quantize=False)
+    base = _merge_base(recipe, plan, work_dtype)
     apply_extras(base, run.extras_path)
     model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     model.eval()
@@ -91,7 +94,36 @@ def _merge_into(tmp: Path, run: RunDir, recipe: Recipe, plan: RopePlan, facts: d
     merged = merged.to(TORCH_DTYPES[release_dtype])
     _save_release(merged, tmp, recipe, plan, facts, release_dtype, run)
     del merged, model, base
-    return _verify(tmp, probe, reference, release_dtype, started)
+    quantized = _quantized_logits(recipe, plan, run, probe, work_dtype)
+    return _verify(tmp, probe, reference, release_dtype, started, quantized)
+
+
+def _merge_base(recipe: Recipe, plan: RopePlan, work_dtype: DType) -> Any:
+    """The weights the adapter was trained against, unquantized, in the working dtype.
+
+    A QLoRA adapter corrects the 4/8-bit weights, so it is folded into those weights
+    dequantized (never into the packed ones, and not into the original full-precision
+    weights, which the adapter never saw).
+    """
+    if recipe.model.quantization is None:
+        return load_model(recipe.model, plan, dtype=work_dtype, quantize=False)
+    quantized = load_model(recipe.model, plan, dtype=work_dtype)
+    return quantized.dequantize().to(TORCH_DTYPES[work_dtype])
+
+
+def _quantized_logits(recipe: Recipe, plan: RopePlan, run: RunDir, probe: torch.Tensor,
+                      work_dtype: DType) -> torch.Tensor | None:
+    """Probe logits of the model as trained (quantized base + extras + adapter)."""
+    if recipe.model.quantization is None:
+        return None
+    from peft import PeftModel
+
+    base = load_model(recipe.model, plan, dtype=work_dtype)
+    apply_extras(base, run.extras_path)
+    model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    model.eval()
+    with torch.no_grad():
+        return model(probe).logits.float()
 
 
 def _work_dtype(facts: dict[str, Any], release_dtype: DType) -> DType:
@@ -133,7 +165,7 @@ def _mirror_legacy_rope_scaling(config_path: Path, plan: RopePlan) -> None:
 
 
 def _verify(out: Path, probe: torch.Tensor, reference: torch.Tensor, dtype: DType,
-            started: float) -> MergeReport:
+            started: float, quantized: torch.Tensor | None = None) -> MergeReport:
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
@@ -145,6 +177,11 @@ def _verify(out: Path, probe: torch.Tensor, reference: torch.Tensor, dtype: DTyp
     agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
     report = MergeReport(str(out), dtype, probe.shape[1], diff, scale, diff / scale,
                          RELATIVE_TOLERANCE[dtype], agreement, time.time() - started)
+    if quantized is not None:  # stated, not enforced: the release is deliberately unquantized
+        report.quantized_base = True
+        report.quantized_max_abs_diff = (logits - quantized).abs().max().item()
+        report.quantized_top1_agreement = (
+            (logits.argmax(-1) == quantized.argmax(-1)).float().mean().item())
     if not (report.relative_diff <= report.tolerance) or not torch.isfinite(logits).all():
         raise PiLoraError(
             f"merged release disagrees with base + adapter: max |diff| {diff:.4g} "

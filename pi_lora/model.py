@@ -164,18 +164,17 @@ def load_model(
                   attn_implementation=model.attn_implementation)
     if quantize and model.quantization:
         kwargs["quantization_config"] = quantization_config(model)
+    elif source.gguf_file:
+        # transformers 5 keeps GGUF blocks packed (not trainable, not savable): unpack them
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
         loaded = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as exc:
         raise _hub_error(model, exc) from None
-    if source.gguf_file:
-        # GGUF weights are dequantized on load; the leftover quantizer blocks save_pretrained
-        loaded.hf_quantizer = None
-        loaded.config.quantization_config = None
-        if hasattr(loaded.config, "quantization_config"):
-            del loaded.config.quantization_config
     return loaded
 
 
@@ -222,8 +221,10 @@ def wrap_lora(model: Any, lora: LoraSection, *, gradient_checkpointing: bool) ->
     for name, param in peft_model.named_parameters():
         if name in extras:
             param.requires_grad_(True)
-            # updates of lr * 1 vanish in bf16; optimizer math needs fp32 weights
-            param.data = param.data.float()
+            # updates of lr * 1 vanish in bf16; optimizer math needs fp32 weights (DeepSpeed
+            # keeps fp32 masters itself, and a ZeRO-3 sharded parameter has no data to cast)
+            if not hasattr(param, "ds_id"):
+                param.data = param.data.float()
     return peft_model
 
 
@@ -239,7 +240,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
     for p in model.parameters():
         numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
         if getattr(p, "quant_state", None) is not None:
-            numel *= 2  # bnb packs two 4-bit values per byte
+            numel *= 2 * p.element_size()  # bnb packs two 4-bit values per storage byte
         seen[id(p)] = (numel, p.requires_grad)
     total = sum(n for n, _ in seen.values())
     return sum(n for n, grad in seen.values() if grad), total

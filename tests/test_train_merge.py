@@ -132,3 +132,36 @@ def test_missing_model_is_a_clear_error(write_recipe, tmp_path: Path,
     err = capsys.readouterr().err
     assert "model.name" in err and "does not exist" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3",
+                                    "gpt_neox"])
+def test_lora_defaults_cover_every_family(family: str) -> None:
+    """Default targets exist, extras train, gradients reach LoRA and extras only."""
+    from transformers import AutoModelForCausalLM
+
+    from pi_lora.model import extras_parameter_names, wrap_lora
+    from pi_lora.recipe import LoraSection
+    from pi_lora.testing import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    peft_model = wrap_lora(model, LoraSection(trainable_extras=["embeddings", "norms"]),
+                           gradient_checkpointing=False)
+    extras = extras_parameter_names(peft_model, ["embeddings", "norms"])
+    assert any("embed" in n for n in extras) and any("norm" in n for n in extras)
+    ids = torch.randint(0, 300, (1, 32))
+    peft_model(ids, labels=ids).loss.backward()
+    trained = {n for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert trained == {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trained) and set(extras) <= trained
+
+
+def test_bf16_training_with_fp32_extras(tiny_models, write_recipe, tmp_path: Path) -> None:
+    """bf16 weights + fp32 extras (norms, embeddings) train without dtype clashes, and merge."""
+    path = write_recipe(tiny_models("llama", tie=True), model={"dtype": "bf16"},
+                        training={"max_steps": 2, "precision": "bf16"})
+    run = train(load_recipe(path))
+    assert _losses(run) and all(loss == loss for loss in _losses(run))  # finite, no NaN
+    report = merge_run(run, tmp_path / "rel")
+    assert report.dtype == "bf16" and report.relative_diff <= report.tolerance

