@@ -55,8 +55,9 @@ def test_chat_labels_only_assistant_turns(tokenizer) -> None:
 
 def test_chat_packing_restarts_positions_and_blocks_attention() -> None:
     """Packed conversations must not see each other: transformers reads the position ids."""
-    from pi_lora.testing import tiny_config
     from transformers import AutoModelForCausalLM
+
+    from pi_lora.testing import tiny_config
 
     packs = pack_chat([([5, 6, 7], [5, 6, 7]), ([8, 9], [8, 9]), ([10, 11, 12, 13], [10] * 4)], 6)
     assert [p["position_ids"] for p in packs] == [[0, 1, 2, 0, 1], [0, 1, 2, 3]]
