@@ -1,0 +1,266 @@
+"""`run_eval`: every target through the same passkey and perplexity protocol, then the report.
+
+Targets arrive as loaders, not models, because transformers' dynamic NTK keeps state
+between calls (it keeps the longest frequencies it has seen): such a model is loaded afresh
+for every length of every measurement, so no length sees another's rotary state. Other
+models are loaded once per target.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from pi_lora.eval import passkey, perplexity, report, texts
+from pi_lora.eval.perplexity import PplMode
+
+ModelPair = tuple[PreTrainedModel, PreTrainedTokenizerBase]
+
+
+@dataclass
+class EvalTarget:
+    """One row of the report: a label, a fresh-model factory, and facts for the JSON."""
+
+    label: str  # e.g. "base (plain RoPE)", "linear PI x4", "run: llama-16k"
+    load: Callable[[], ModelPair]  # returns a model with a clean rotary state on each call
+    describe: dict[str, Any] = field(default_factory=dict)  # model path, rope, kind, ...
+
+
+class DatasetSource(BaseModel):
+    """A `datasets` split used as perplexity documents (one row = one document)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    split: str = "test"
+    field: str = "text"
+    config_name: str | None = None
+    max_documents: PositiveInt | None = 1
+
+
+class EvalSettings(BaseModel):
+    """The whole protocol: every default of `pi-lora eval` lives here, and all of it is
+    written to the report."""
+
+    model_config = ConfigDict(extra="forbid")
+    passkey: bool = True
+    passkey_lengths: list[PositiveInt] = [1024, 2048, 4096, 8192]
+    passkey_depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    passkey_trials: PositiveInt = 2  # per (length, depth): 5 depths x 2 = 10 per length (PI)
+    seed: int = 0
+    k_max_threshold: float = Field(0.2, gt=0.0, le=1.0)
+    max_new_tokens: PositiveInt = 12
+    perplexity: bool = True
+    ppl_lengths: list[PositiveInt] = [2048, 4096, 8192]
+    ppl_stride: PositiveInt = 256
+    ppl_mode: PplMode = "sliding"
+    documents: list[Path] = []
+    dataset: DatasetSource | None = None
+    ppl_max_windows: PositiveInt | None = 16  # per length; None = the whole text
+    ppl_max_tokens: PositiveInt | None = None  # scored tokens per length
+    chunk_tokens: PositiveInt = 1024  # lm_head rows per chunk when scoring
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device has it
+    device: str = "auto"  # auto: cuda if available, else cpu
+    progress: bool = True
+
+    @field_validator("passkey_lengths", "ppl_lengths")
+    @classmethod
+    def _sorted_unique(cls, lengths: list[int]) -> list[int]:
+        return sorted(set(lengths))
+
+    @field_validator("passkey_depths")
+    @classmethod
+    def _depths_in_range(cls, depths: list[float]) -> list[float]:
+        if any(not 0.0 <= d <= 1.0 for d in depths):
+            raise ValueError(f"depths are fractions of the filler in [0, 1], got {depths}")
+        return sorted(set(depths))
+
+    @model_validator(mode="after")
+    def _perplexity_inputs(self) -> EvalSettings:
+        if self.perplexity and not self.documents and self.dataset is None:
+            raise ValueError("perplexity needs `documents` (text files) or a `dataset` split")
+        sliding = self.perplexity and self.ppl_mode == "sliding"
+        if sliding and self.ppl_stride > min(self.ppl_lengths, default=self.ppl_stride):
+            raise ValueError(f"ppl_stride {self.ppl_stride} exceeds the shortest ppl length")
+        return self
+
+
+def resolve_device(settings: EvalSettings) -> torch.device:
+    """settings.device, with "auto" = the GPU when there is one."""
+    if settings.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(settings.device)
+
+
+def resolve_dtype(settings: EvalSettings) -> torch.dtype:
+    """The dtype target loaders should use: bf16 unless asked for fp32 or the GPU lacks it."""
+    if settings.dtype == "fp32":
+        return torch.float32
+    device = resolve_device(settings)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float32
+    return torch.bfloat16
+
+
+def has_stateful_rope(model: torch.nn.Module) -> bool:
+    """True for dynamic NTK, whose rotary modules change their frequencies as they run."""
+    return any("dynamic" in str(getattr(m, "rope_type", "")) for m in model.modules())
+
+
+class _Loader:
+    """Hands out the target's model, reloading only when the rotary state may be stale."""
+
+    def __init__(self, target: EvalTarget, device: torch.device) -> None:
+        self.target, self.device = target, device
+        self.pair: ModelPair | None = None
+        self.used = False
+        self.load_seconds: list[float] = []
+
+    def fresh(self) -> ModelPair:
+        """The model for the next measurement unit (one length of passkey or perplexity)."""
+        stale = self.pair is not None and self.used and has_stateful_rope(self.pair[0])
+        if self.pair is None or stale:
+            self.close()
+            started = time.perf_counter()
+            model, tokenizer = self.target.load()
+            if next(model.parameters()).device != self.device:
+                model = model.to(self.device)
+            self.pair = (model.eval(), tokenizer)
+            self.load_seconds.append(time.perf_counter() - started)
+        self.used = True
+        return self.pair
+
+    def close(self) -> None:
+        self.pair, self.used = None, False
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _progress(settings: EvalSettings, total: int, desc: str) -> tqdm:
+    return tqdm(
+        total=total, desc=desc, unit="tok", unit_scale=True, file=sys.stderr,
+        disable=not settings.progress, dynamic_ncols=True,
+    )
+
+
+def _run_passkey(loader: _Loader, settings: EvalSettings) -> report.PasskeyOutcome:
+    cells = len(settings.passkey_depths) * settings.passkey_trials
+    total = sum(settings.passkey_lengths) * cells
+    outcome = report.PasskeyOutcome(passkey.PasskeyResult())
+    with _progress(settings, total, f"{loader.target.label} | passkey") as bar:
+        for length in settings.passkey_lengths:
+            model, tokenizer = loader.fresh()
+            generate = passkey.greedy_generate_fn(model, tokenizer, settings.max_new_tokens)
+            started = time.perf_counter()
+            try:
+                trials = passkey.run_passkey_length(
+                    generate, tokenizer, length, settings.passkey_depths,
+                    settings.passkey_trials, settings.seed, on_trial=bar.update,
+                )
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                outcome.failures[length] = f"out of memory: {exc}".splitlines()[0]
+                bar.update(length * cells)
+                continue
+            outcome.result.trials.extend(trials)
+            outcome.result.seconds_by_length[length] = time.perf_counter() - started
+    return outcome
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, documents: list[texts.Document]) -> list:
+    """Each document as a 1-D id tensor, tokenizer defaults (BOS at document start if any)."""
+    return [torch.tensor(tokenizer(d.text)["input_ids"], dtype=torch.long) for d in documents]
+
+
+def _run_perplexity(
+    loader: _Loader, settings: EvalSettings, documents: list[texts.Document]
+) -> report.PerplexityOutcome:
+    model, tokenizer = loader.fresh()
+    ids = _tokenize(tokenizer, documents)
+    probe = max(ids, key=len)[:64].unsqueeze(0).to(loader.device)
+    perplexity.check_chunked_head(model, probe)
+    outcome = report.PerplexityOutcome(document_tokens=[int(t.numel()) for t in ids])
+    plans = {
+        length: perplexity.plan_windows(
+            outcome.document_tokens, length, settings.ppl_stride, settings.ppl_mode,
+            settings.ppl_max_windows, settings.ppl_max_tokens,
+        )
+        for length in settings.ppl_lengths
+    }
+    total = sum(w.end - w.begin for plan in plans.values() for w in plan)
+    with _progress(settings, total, f"{loader.target.label} | ppl") as bar:
+        for length in settings.ppl_lengths:
+            if not plans[length]:
+                outcome.failures[length] = f"no document has {length} tokens"
+                continue
+            model, _ = loader.fresh()
+            started = time.perf_counter()
+            try:
+                result = perplexity.measure_perplexity(
+                    model, ids, length, settings.ppl_stride, settings.ppl_mode,
+                    settings.ppl_max_windows, settings.ppl_max_tokens, settings.chunk_tokens,
+                    on_window=bar.update,
+                )
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                outcome.failures[length] = f"out of memory: {exc}".splitlines()[0]
+                bar.update(sum(w.end - w.begin for w in plans[length]))
+                continue
+            result.seconds = time.perf_counter() - started
+            outcome.results[length] = result
+    return outcome
+
+
+def evaluate_target(
+    target: EvalTarget, settings: EvalSettings, documents: list[texts.Document]
+) -> report.TargetOutcome:
+    """Passkey then perplexity for one target; failures of one length do not stop the rest."""
+    loader = _Loader(target, resolve_device(settings))
+    outcome = report.TargetOutcome(target.label, dict(target.describe))
+    try:
+        if settings.passkey:
+            outcome.passkey = _run_passkey(loader, settings)
+            outcome.facts = outcome.facts or report.model_facts(*loader.pair)
+        if settings.perplexity:
+            outcome.perplexity = _run_perplexity(loader, settings, documents)
+            outcome.facts = outcome.facts or report.model_facts(*loader.pair)
+    finally:
+        outcome.load_seconds = loader.load_seconds
+        loader.close()
+    return outcome
+
+
+def gather_documents(settings: EvalSettings) -> list[texts.Document]:
+    """Local files first, then the dataset split if one is configured."""
+    documents = texts.load_documents(settings.documents)
+    if settings.dataset is not None:
+        source = settings.dataset
+        documents += texts.load_dataset_documents(
+            source.name, source.split, source.field, source.config_name, source.max_documents
+        )
+    return documents
+
+
+def run_eval(targets: list[EvalTarget], settings: EvalSettings, out_dir: Path) -> dict:
+    """Evaluate every target; write report.json, report.md and the PNGs; return the JSON dict."""
+    if not targets:
+        raise ValueError("run_eval needs at least one target")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    documents = gather_documents(settings) if settings.perplexity else []
+    started = time.perf_counter()
+    outcomes: list[report.TargetOutcome] = []
+    for target in targets:
+        outcomes.append(evaluate_target(target, settings, documents))
+        # rewritten after every target: a crash in a long run keeps what was measured
+        data = report.build_report(outcomes, settings, documents, time.perf_counter() - started)
+        report.write_report(data, out_dir)
+    return data

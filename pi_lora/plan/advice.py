@@ -1,0 +1,75 @@
+"""Recommendations: recipe changes that make a step fit or go faster, each planned in full.
+
+Every candidate is a `--set` override applied to a copy of the recipe and run through the
+same memory and time models, so its effect is computed, not asserted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pi_lora.plan.setup import Setup
+from pi_lora.recipe import QuantizationSection, Recipe
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    overrides: tuple[str, ...]  # for `pi-lora train RECIPE --set ...`
+    why: str
+    apply: Callable[[Recipe], Recipe]
+
+
+def _training(**changes: object) -> Callable[[Recipe], Recipe]:
+    def apply(recipe: Recipe) -> Recipe:
+        return recipe.model_copy(update={"training": recipe.training.model_copy(update=changes)})
+
+    return apply
+
+
+def _model(**changes: object) -> Callable[[Recipe], Recipe]:
+    def apply(recipe: Recipe) -> Recipe:
+        return recipe.model_copy(update={"model": recipe.model.model_copy(update=changes)})
+
+    return apply
+
+
+def candidates(recipe: Recipe, setup: Setup, fits: bool) -> list[Candidate]:
+    """Changes worth planning for this recipe on this launch (none it already has)."""
+    t, found = recipe.training, []
+    if not t.chunked_loss:
+        found.append(Candidate("chunked loss", ("training.chunked_loss=true",),
+                               "no [T, V] logits", _training(chunked_loss=True)))
+    if not t.gradient_checkpointing:
+        found.append(Candidate("gradient checkpointing", ("training.gradient_checkpointing=true",),
+                               "keep layer inputs only; one extra forward",
+                               _training(gradient_checkpointing=True)))
+    if setup.world > 1 and setup.zero_stage < 3:
+        found.append(Candidate("ZeRO-3", ("training.deepspeed=zero3",),
+                               "shard weights and states over the devices",
+                               _training(deepspeed="zero3")))
+    if not setup.offload and not fits:
+        found.append(Candidate("ZeRO-3 + CPU offload", ("training.deepspeed=zero3_offload",),
+                               "weights and optimizer states in host RAM; PCIe-bound",
+                               _training(deepspeed="zero3_offload")))
+    if setup.quant_bits is None and setup.device_kind == "gpu":
+        found.append(Candidate("QLoRA (nf4 base)", ("model.quantization.bits=4",),
+                               "4-bit frozen base; slower matmuls, small quality cost",
+                               _model(quantization=QuantizationSection(bits=4))))
+    if not t.s2_attn:
+        found.append(Candidate("S2-Attn", ("training.s2_attn=true",),
+                               "attention in groups of T/4 (training only, LongLoRA)",
+                               _training(s2_attn=True)))
+    if recipe.model.attn_implementation != "flash_attention_2" and setup.device_kind == "gpu":
+        found.append(Candidate("FlashAttention-2", ("model.attn_implementation=flash_attention_2",),
+                               "faster fused attention (pip install flash-attn)",
+                               _model(attn_implementation="flash_attention_2")))
+    if t.per_device_batch_size > 1:
+        accum = t.gradient_accumulation_steps * t.per_device_batch_size
+        found.append(Candidate(
+            "1 sequence per device",
+            ("training.per_device_batch_size=1", f"training.gradient_accumulation_steps={accum}"),
+            "same global batch, activations of one sequence",
+            _training(per_device_batch_size=1, gradient_accumulation_steps=accum)))
+    return found

@@ -1,0 +1,118 @@
+"""FLOPs of one optimizer step and the time they take at an assumed utilisation.
+
+Executed FLOPs per token (what the GPU runs, so recompute counts):
+- frozen base: 2N forward + 2N backward (gradients of the activations only: LoRA needs no
+  weight gradients of the frozen matrices) = 4N, where N = parameters a token multiplies
+  through (input embedding lookup excluded, lm_head included);
+- trainable (LoRA + extras): +2 N_trainable for their weight gradients;
+- checkpointing: +2 N_layers, the decoder layers' forward runs twice;
+- attention: causal, so a query sees span/2 keys on average (span = T, or the S2-Attn group):
+  2 * L * H * d_head * span forward (QK^T and PV), twice that backward, +1 forward recomputed.
+The conventional "model FLOPs" 6N + 12*L*D*T per token (full fine-tune, non-causal) is
+reported next to it, for comparing with published MFU figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pi_lora.plan.devices import INTER_NODE_GBPS, Device
+from pi_lora.plan.memory import frozen_weight_bytes
+from pi_lora.plan.setup import Setup
+from pi_lora.plan.shape import ModelShape
+
+SDPA_MFU_FACTOR = 0.75  # torch sdpa's kernels vs FlashAttention-2 at long context
+QLORA_MFU_FACTOR = 0.7  # nf4 weights are dequantized before every matmul
+FORMULA = ("per token: 4N (frozen base: forward + activation gradients) + 2N_trainable "
+           "+ 2N_layers if checkpointing + (3 + ckpt) * 2*L*H*d_head*span (causal attention)")
+
+
+@dataclass
+class TimePlan:
+    flops_per_token: float  # executed
+    model_flops_per_token: float  # 6N + 12*L*D*T convention
+    flops_per_step: float  # executed, all devices
+    mfu: float
+    step_seconds: float
+    compute_seconds: float
+    communication_seconds: float
+    offload_seconds: float
+    tokens_per_second: float
+    total_seconds: float
+    device_hours: float
+    notes: list[str] = field(default_factory=list)
+
+
+def flops_per_token(shape: ModelShape, setup: Setup) -> float:
+    """Executed FLOPs per trained token (see the module docstring)."""
+    n = shape.matmul_params
+    layers_n = n - (shape.vocab * shape.hidden)  # the head is not recomputed
+    ckpt = 1 if setup.checkpointing else 0
+    linear = 4 * n + 2 * shape.trainable_params + 2 * layers_n * ckpt
+    attention_forward = 2 * shape.layers * shape.heads * shape.head_dim * setup.attention_span
+    return linear + (3 + ckpt) * attention_forward
+
+
+def model_flops_per_token(shape: ModelShape, setup: Setup) -> float:
+    return 6 * shape.matmul_params + 12 * shape.layers * shape.hidden * setup.seq_len
+
+
+def assumed_mfu(setup: Setup, device: Device) -> tuple[float, list[str]]:
+    """The utilisation assumption and why."""
+    if device.kind == "cpu":
+        return 1.0, ["CPU: throughput calibrated on this machine (SmolLM2 8k step)"]
+    mfu, notes = device.default_mfu, [f"{device.name}: {device.default_mfu:.0%} MFU assumed "
+                                      "with FlashAttention-2"]
+    if setup.attn != "flash_attention_2":
+        mfu *= SDPA_MFU_FACTOR
+        notes.append(f"{setup.attn} attention: x{SDPA_MFU_FACTOR}")
+    if setup.quant_bits:
+        mfu *= QLORA_MFU_FACTOR
+        notes.append(f"{setup.quant_bits}-bit base dequantized per matmul: x{QLORA_MFU_FACTOR}")
+    return mfu, notes
+
+
+def plan_time(shape: ModelShape, setup: Setup, device: Device) -> TimePlan:
+    per_token = flops_per_token(shape, setup)
+    micro_tokens = setup.batch * setup.seq_len
+    micro_steps = setup.grad_accum
+    mfu, notes = assumed_mfu(setup, device)
+    compute = per_token * micro_tokens * micro_steps / (device.peak_tflops * 1e12 * mfu)
+    communication = _communication_seconds(shape, setup, device) * micro_steps
+    offload = _offload_seconds(shape, setup, device) * micro_steps
+    if communication > compute:
+        notes.append("ZeRO communication exceeds compute: the step is network-bound")
+    step = max(compute, communication) + offload
+    total = step * setup.max_steps
+    return TimePlan(
+        flops_per_token=per_token, model_flops_per_token=model_flops_per_token(shape, setup),
+        flops_per_step=per_token * setup.tokens_per_step, mfu=mfu, step_seconds=step,
+        compute_seconds=compute, communication_seconds=communication, offload_seconds=offload,
+        tokens_per_second=setup.tokens_per_step / step, total_seconds=total,
+        device_hours=total * setup.world / 3600, notes=notes)
+
+
+def _link_gbps(setup: Setup, device: Device) -> float:
+    return INTER_NODE_GBPS if setup.nodes > 1 else device.intra_node_gbps
+
+
+def _communication_seconds(shape: ModelShape, setup: Setup, device: Device) -> float:
+    """Per micro-step, overlapped with compute: ZeRO-3 gathers the weights for forward,
+    recompute and backward; gradients of the trainable parameters are reduced."""
+    if setup.world == 1 or device.kind == "cpu":
+        return 0.0
+    share = (setup.world - 1) / setup.world
+    passes = 3 if setup.checkpointing else 2
+    gathered = frozen_weight_bytes(shape, setup) * passes if setup.zero_stage == 3 else 0.0
+    reduced = 2 * shape.trainable_params * 4
+    return (gathered + reduced) * share / (_link_gbps(setup, device) * 1e9)
+
+
+def _offload_seconds(shape: ModelShape, setup: Setup, device: Device) -> float:
+    """Per micro-step, not overlapped (conservative): each device pulls its weight shard from
+    the host per pass and ships its gradient shard out."""
+    if not setup.offload or device.kind == "cpu":
+        return 0.0
+    passes = 3 if setup.checkpointing else 2
+    moved = (frozen_weight_bytes(shape, setup) * passes + shape.trainable_params * 4) / setup.world
+    return moved / (device.host_link_gbps * 1e9)

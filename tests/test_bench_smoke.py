@@ -1,0 +1,37 @@
+"""The training-step benchmark runs end to end on a tiny model and prints a parsable table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
+
+
+def parse_markdown_table(text: str) -> list[dict[str, str]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert set(lines[1].replace("|", "")) == {"-"}
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+def test_benchmark_table_on_tiny_model():
+    command = [sys.executable, str(SCRIPT), "--model", "tiny", "--lengths", "128", "--warmup", "0"]
+    command.append("--parallel")  # both workers at once: ~15 s on an idle 2-core machine
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = parse_markdown_table(done.stdout)
+    assert [(row["seq_len"], row["setting"]) for row in rows] == [
+        ("128", "baseline"),
+        ("128", "pi-lora"),
+    ]
+    for row in rows:
+        assert float(row["s/step"]) > 0
+        assert float(row["tokens/s"]) > 0
+        assert 0.05 < float(row["peak RSS (GiB)"]) < 8
+        assert float(row["speed x"]) > 0 and float(row["memory x"]) > 0
+    baseline, pi_lora = (float(row["loss"]) for row in rows)
+    assert abs(baseline - pi_lora) < 1e-2  # same model, same tokens, same loss
+    assert "allocator" in done.stdout
