@@ -7,6 +7,7 @@ to pi-lora's table of known models, and otherwise says what it could not check.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,12 +22,12 @@ from pi_lora.shapes import known_config
 
 def config_for_planning(recipe: Recipe) -> tuple[Any | None, str]:
     """(config, where it came from); None when nothing offline describes the model."""
+    table = known_config(recipe.model.name)
+    if table is not None and not Path(recipe.model.name).exists():
+        return table, "pi-lora's table of known models (offline)"
     try:
         return load_config(recipe.model), "model config"
     except PiLoraError as err:
-        table = known_config(recipe.model.name)
-        if table is not None:
-            return table, "pi-lora's table of known models (offline)"
         return None, f"not available offline ({err.message})"
 
 

@@ -56,7 +56,9 @@ def _make_trainer_class() -> type:
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             head = _sharded_output_head(self.model)
-            if (self.chunk_tokens is None or return_outputs
+            # DDP syncs gradients only through its own forward, which the chunked path bypasses
+            ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            if (self.chunk_tokens is None or return_outputs or ddp
                     or (head is not None and head.weight.requires_grad)):
                 # a trainable ZeRO-3 head must go through the module's forward to get its grads
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
