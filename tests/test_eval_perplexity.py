@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pi_lora.eval import perplexity
+from pi_lora.eval.perplexity import WindowSpec
 
 VOCAB = 128
 
@@ -37,7 +38,7 @@ def random_docs(*lengths: int) -> list[torch.Tensor]:
     [([1000], 128, 32), ([1000, 50, 333], 64, 7), ([64], 64, 16), ([65, 200], 64, 63)],
 )
 def test_sliding_scores_every_token_exactly_once(doc_lengths, length, stride):
-    windows = perplexity.plan_windows(doc_lengths, length, stride, "sliding")
+    windows = perplexity.plan_windows(doc_lengths, WindowSpec(length, stride))
     for doc, n_tokens in enumerate(doc_lengths):
         mine = [w for w in windows if w.doc == doc]
         if n_tokens < length:
@@ -52,17 +53,35 @@ def test_sliding_scores_every_token_exactly_once(doc_lengths, length, stride):
 
 def test_stride_equal_to_window_is_independent_windows():
     lengths = [640, 320]
-    sliding = perplexity.plan_windows(lengths, 64, 64, "sliding")
-    whole = perplexity.plan_windows(lengths, 64, 256, "whole-window")
+    sliding = perplexity.plan_windows(lengths, WindowSpec(64, 64))
+    whole = perplexity.plan_windows(lengths, WindowSpec(64, mode="whole-window"))
     assert sliding == whole
     assert all(w.scored == 63 for w in whole)
 
 
 def test_bounds_stop_early():
-    windows = perplexity.plan_windows([10_000], 100, 10, "sliding", max_windows=5)
+    windows = perplexity.plan_windows([10_000], WindowSpec(100, 10, max_windows=5))
     assert len(windows) == 5
-    windows = perplexity.plan_windows([10_000], 100, 10, "sliding", max_tokens=150)
+    windows = perplexity.plan_windows([10_000], WindowSpec(100, 10, max_tokens=150))
     assert sum(w.scored for w in windows) == 99 + 10 * 6  # stops once >= 150 scored
+
+
+def test_span_makes_every_length_score_the_same_tokens():
+    for length in (64, 128, 256):
+        windows = perplexity.plan_windows([5000, 300], WindowSpec(length, 32, span_tokens=256))
+        scored = sorted((w.doc, p) for w in windows for p in range(w.score_from, w.end))
+        assert scored == [(0, p) for p in range(1, 256)] + [(1, p) for p in range(1, 256)]
+    # whole-window: L=64 -> 4 windows over the span, a length above the span -> one window
+    whole = perplexity.plan_windows([5000], WindowSpec(64, mode="whole-window", span_tokens=256))
+    assert [(w.begin, w.end) for w in whole] == [(0, 64), (64, 128), (128, 192), (192, 256)]
+    long = perplexity.plan_windows([5000], WindowSpec(512, mode="whole-window", span_tokens=256))
+    assert [(w.begin, w.end) for w in long] == [(0, 512)]
+
+
+def test_stride_must_fit_the_window():
+    with pytest.raises(ValueError, match="stride"):
+        WindowSpec(64, 128)
+    WindowSpec(64, 128, mode="whole-window")  # stride unused there
 
 
 def brute_force_sliding(model, doc: torch.Tensor, length: int, stride: int) -> tuple[float, int]:
@@ -84,7 +103,7 @@ def brute_force_sliding(model, doc: torch.Tensor, length: int, stride: int) -> t
 def test_sliding_ppl_matches_brute_force():
     model = tiny_llama()
     docs = random_docs(200, 20, 100)
-    result = perplexity.measure_perplexity(model, docs, 48, 20, "sliding", chunk_tokens=10)
+    result = perplexity.measure_perplexity(model, docs, WindowSpec(48, 20), chunk_tokens=10)
     reference = [brute_force_sliding(model, d, 48, 20) for d in (docs[0], docs[2])]
     nll = sum(r[0] for r in reference)
     count = sum(r[1] for r in reference)
@@ -92,14 +111,14 @@ def test_sliding_ppl_matches_brute_force():
     assert result.nll_sum == pytest.approx(nll, rel=1e-5)
     assert result.ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert result.documents_used == [0, 2]
-    assert result.windows == len(perplexity.plan_windows([200, 20, 100], 48, 20, "sliding"))
+    assert result.windows == len(perplexity.plan_windows([200, 20, 100], WindowSpec(48, 20)))
 
 
 def test_sliding_with_stride_equal_to_window_equals_whole_window():
     model = tiny_llama()
     docs = random_docs(256)
-    sliding = perplexity.measure_perplexity(model, docs, 64, 64, "sliding")
-    whole = perplexity.measure_perplexity(model, docs, 64, 256, "whole-window")
+    sliding = perplexity.measure_perplexity(model, docs, WindowSpec(64, 64))
+    whole = perplexity.measure_perplexity(model, docs, WindowSpec(64, mode="whole-window"))
     assert (sliding.tokens, sliding.windows) == (whole.tokens, whole.windows) == (4 * 63, 4)
     assert sliding.nll_sum == pytest.approx(whole.nll_sum, rel=1e-6)
 
@@ -134,4 +153,4 @@ def test_chunked_scoring_through_a_lora_wrapper():
 
 def test_no_long_enough_document_is_an_error():
     with pytest.raises(ValueError, match="no document has 64 tokens"):
-        perplexity.measure_perplexity(tiny_llama(), random_docs(30, 40), 64, 16)
+        perplexity.measure_perplexity(tiny_llama(), random_docs(30, 40), WindowSpec(64, 16))

@@ -55,33 +55,44 @@ def _whole(doc: int, n_tokens: int, length: int) -> list[Window]:
     return [Window(doc, b, b + length, b + 1) for b in range(0, n_tokens - length + 1, length)]
 
 
-def plan_windows(
-    doc_lengths: Sequence[int],
-    length: int,
-    stride: int,
-    mode: PplMode,
-    max_windows: int | None = None,
-    max_tokens: int | None = None,
-) -> list[Window]:
-    """Windows over the documents in order, stopping at max_windows / max_tokens scored.
+@dataclass(frozen=True)
+class WindowSpec:
+    """How one length is measured; the cost bounds apply per length, over all documents."""
 
-    Documents shorter than `length` are skipped: their windows would measure a shorter
-    context than the one reported. `stride` is ignored in whole-window mode.
+    length: int
+    stride: int = 256  # sliding only
+    mode: PplMode = "sliding"
+    max_windows: int | None = None
+    max_tokens: int | None = None  # no new window once this many tokens are scored
+    span_tokens: int | None = None  # only the first max(span, length) tokens of each document
+
+    def __post_init__(self) -> None:
+        if self.mode == "sliding" and not 0 < self.stride <= self.length:
+            raise ValueError(f"stride must be in (0, length={self.length}], got {self.stride}")
+
+
+def plan_windows(doc_lengths: Sequence[int], spec: WindowSpec) -> list[Window]:
+    """Windows over the documents in order, stopping at spec.max_windows / max_tokens.
+
+    Documents shorter than the length are skipped: their windows would measure a shorter
+    context than the one reported. A span makes every length score the same stretch of
+    text (in sliding mode exactly the same tokens), so lengths differ only in context.
     """
-    if mode == "sliding" and not 0 < stride <= length:
-        raise ValueError(f"stride must be in (0, length={length}], got {stride}")
     windows: list[Window] = []
     scored = 0
     for doc, n_tokens in enumerate(doc_lengths):
-        if n_tokens < length:
+        if spec.span_tokens is not None:
+            n_tokens = min(n_tokens, max(spec.span_tokens, spec.length))
+        if n_tokens < spec.length:
             continue
-        doc_windows = _sliding(doc, n_tokens, length, stride) if mode == "sliding" else (
-            _whole(doc, n_tokens, length)
-        )
+        if spec.mode == "sliding":
+            doc_windows = _sliding(doc, n_tokens, spec.length, spec.stride)
+        else:
+            doc_windows = _whole(doc, n_tokens, spec.length)
         for window in doc_windows:
-            if max_windows is not None and len(windows) >= max_windows:
+            if spec.max_windows is not None and len(windows) >= spec.max_windows:
                 return windows
-            if max_tokens is not None and scored >= max_tokens:
+            if spec.max_tokens is not None and scored >= spec.max_tokens:
                 return windows
             windows.append(window)
             scored += window.scored
@@ -144,9 +155,7 @@ def check_chunked_head(model: PreTrainedModel, input_ids: Tensor, tolerance: flo
 class PerplexityResult:
     """Token accounting for one length: ppl = exp(nll_sum / tokens)."""
 
-    length: int
-    mode: PplMode
-    stride: int
+    spec: WindowSpec
     nll_sum: float = 0.0
     tokens: int = 0
     windows: int = 0
@@ -161,24 +170,20 @@ class PerplexityResult:
 def measure_perplexity(
     model: PreTrainedModel,
     documents: Sequence[Tensor],
-    length: int,
-    stride: int,
-    mode: PplMode = "sliding",
-    max_windows: int | None = None,
-    max_tokens: int | None = None,
+    spec: WindowSpec,
     chunk_tokens: int = 1024,
     on_window: Callable[[int], None] | None = None,
 ) -> PerplexityResult:
-    """Perplexity of tokenized documents (1-D id tensors) at context `length`."""
+    """Perplexity of tokenized documents (1-D id tensors) at context `spec.length`."""
     lengths = [int(d.numel()) for d in documents]
-    windows = plan_windows(lengths, length, stride, mode, max_windows, max_tokens)
+    windows = plan_windows(lengths, spec)
     if not windows:
         raise ValueError(
-            f"no document has {length} tokens (longest: {max(lengths, default=0)}); "
+            f"no document has {spec.length} tokens (longest: {max(lengths, default=0)}); "
             "add longer documents or drop this length"
         )
     device = next(model.parameters()).device
-    result = PerplexityResult(length, mode, stride if mode == "sliding" else length)
+    result = PerplexityResult(spec)
     for window in windows:
         ids = documents[window.doc][window.begin : window.end].unsqueeze(0).to(device)
         nll, count = score_window(model, ids, window.score_from - window.begin, chunk_tokens)

@@ -90,7 +90,8 @@ def _protocol(settings: EvalSettings, documents: list[Document]) -> dict[str, An
             "mode": settings.ppl_mode,
             "stride": settings.ppl_stride if settings.ppl_mode == "sliding" else None,
             "lengths": settings.ppl_lengths, "max_windows": settings.ppl_max_windows,
-            "max_tokens": settings.ppl_max_tokens, "chunk_tokens": settings.chunk_tokens,
+            "max_tokens": settings.ppl_max_tokens, "span_tokens": settings.ppl_span_tokens,
+            "chunk_tokens": settings.chunk_tokens,
             "scoring": _scoring_text(settings), "tokenization": "tokenizer defaults per document",
             "documents": [
                 {"name": d.name, "source": d.source, "chars": len(d.text)} for d in documents
@@ -271,6 +272,11 @@ def _passkey_section(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _span(proto: dict[str, Any]) -> str:
+    span = proto["span_tokens"]
+    return "whole documents" if span is None else f"first max({span}, L) tokens of each document"
+
+
 def _perplexity_section(report: dict[str, Any]) -> list[str]:
     proto = report["protocol"]["perplexity"]
     lengths = proto["lengths"]
@@ -278,8 +284,8 @@ def _perplexity_section(report: dict[str, Any]) -> list[str]:
     lines = [
         f"## Perplexity ({proto['mode']})", "", f"{proto['scoring']}.", "",
         (
-            f"Documents: {docs}. Max windows per length: {proto['max_windows']}; "
-            f"max scored tokens per length: {proto['max_tokens']}."
+            f"Documents: {docs}. Per length: max windows {proto['max_windows']}, "
+            f"max scored tokens {proto['max_tokens']}, text span {_span(proto)}."
         ),
         "",
     ]

@@ -67,6 +67,7 @@ class EvalSettings(BaseModel):
     dataset: DatasetSource | None = None
     ppl_max_windows: PositiveInt | None = 16  # per length; None = the whole text
     ppl_max_tokens: PositiveInt | None = None  # scored tokens per length
+    ppl_span_tokens: PositiveInt | None = None  # every length scores the same first N tokens
     chunk_tokens: PositiveInt = 1024  # lm_head rows per chunk when scoring
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device has it
     device: str = "auto"  # auto: cuda if available, else cpu
@@ -176,6 +177,14 @@ def _run_passkey(loader: _Loader, settings: EvalSettings) -> report.PasskeyOutco
     return outcome
 
 
+def window_spec(settings: EvalSettings, length: int) -> perplexity.WindowSpec:
+    """The perplexity protocol of one length, from the settings."""
+    return perplexity.WindowSpec(
+        length, settings.ppl_stride, settings.ppl_mode, settings.ppl_max_windows,
+        settings.ppl_max_tokens, settings.ppl_span_tokens,
+    )
+
+
 def _tokenize(tokenizer: PreTrainedTokenizerBase, documents: list[texts.Document]) -> list:
     """Each document as a 1-D id tensor, tokenizer defaults (BOS at document start if any)."""
     return [torch.tensor(tokenizer(d.text)["input_ids"], dtype=torch.long) for d in documents]
@@ -189,13 +198,8 @@ def _run_perplexity(
     probe = max(ids, key=len)[:64].unsqueeze(0).to(loader.device)
     perplexity.check_chunked_head(model, probe)
     outcome = report.PerplexityOutcome(document_tokens=[int(t.numel()) for t in ids])
-    plans = {
-        length: perplexity.plan_windows(
-            outcome.document_tokens, length, settings.ppl_stride, settings.ppl_mode,
-            settings.ppl_max_windows, settings.ppl_max_tokens,
-        )
-        for length in settings.ppl_lengths
-    }
+    specs = {length: window_spec(settings, length) for length in settings.ppl_lengths}
+    plans = {n: perplexity.plan_windows(outcome.document_tokens, spec) for n, spec in specs.items()}
     total = sum(w.end - w.begin for plan in plans.values() for w in plan)
     with _progress(settings, total, f"{loader.target.label} | ppl") as bar:
         for length in settings.ppl_lengths:
@@ -206,9 +210,7 @@ def _run_perplexity(
             started = time.perf_counter()
             try:
                 result = perplexity.measure_perplexity(
-                    model, ids, length, settings.ppl_stride, settings.ppl_mode,
-                    settings.ppl_max_windows, settings.ppl_max_tokens, settings.chunk_tokens,
-                    on_window=bar.update,
+                    model, ids, specs[length], settings.chunk_tokens, on_window=bar.update
                 )
             except (torch.OutOfMemoryError, MemoryError) as exc:
                 outcome.failures[length] = f"out of memory: {exc}".splitlines()[0]

@@ -89,6 +89,7 @@ def _settings(args: argparse.Namespace, text_path: Path, **overrides) -> EvalSet
         "documents": [text_path], "dtype": args.dtype, "device": "cpu",
         "passkey_lengths": args.passkey_lengths, "passkey_depths": args.passkey_depths,
         "passkey_trials": args.passkey_trials, "seed": args.seed,
+        "ppl_span_tokens": args.span_tokens,
     }
     return EvalSettings(**{**base, **overrides})
 
@@ -130,6 +131,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ppl-lengths", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--span-tokens", type=int, default=None,
+        help="score whole L-windows over the first max(N, L) tokens instead of one window; "
+        "16384 is what reference.md's 8k column measured (two 8k windows)",
+    )
     parser.add_argument("--passkey-methods", nargs="*", choices=list(METHODS), default=["plain"])
     parser.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--passkey-depths", type=float, nargs="+", default=[0.0, 0.5, 1.0])
