@@ -111,6 +111,19 @@ def load_tokenizer(model: ModelSection) -> Any:
     return tokenizer
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX).
+
+    Without it PyTorch's bf16 matmuls fall back to a generic kernel, measured ~8x slower than
+    fp32 on an AVX2 EPYC: bf16 then saves memory but costs time.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def check_runtime(model: ModelSection) -> None:
     """GPU-only and optional-package options fail here with the fix, before loading."""
     if model.attn_implementation == "flash_attention_2":

@@ -279,9 +279,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     trainable, total = count_parameters(model)
     if is_main:
         _write_start_facts(run, recipe, plan, trainer.extras_names, trainable, total, built)
+        mix = recipe.data.short_mix
+        lengths = f"{recipe.seq_len}" + (f" ({mix.fraction:.0%} cut to {mix.seq_len})" if mix else "")
         print(f"pi-lora: {recipe.model.name} {plan.method} x{plan.factor:g} "
               f"({plan.original_context} -> {plan.target_context}), {len(built.train)} sequences "
-              f"of {recipe.seq_len}, trainable {trainable:,} / {total:,}", flush=True)
+              f"of {lengths}, trainable {trainable:,} / {total:,}", flush=True)
     checkpoint = run.latest_checkpoint() if resume else None
     if checkpoint is not None and is_main:
         _forget_metrics_after(run, _checkpoint_step(checkpoint))

@@ -50,3 +50,10 @@ def test_eval_bad_options_exit_2(tiny_models, tmp_path: Path,
     assert main(["eval", str(tiny_models("llama")), "--no-passkey"]) == 2
     assert "documents" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nope" / "x" / "y")]) == 2
+    # a passkey length the tokenizer cannot fill: exit 2 naming the flag, no report directory
+    out = tmp_path / "short"
+    assert main(["eval", str(tiny_models("llama")), "--no-ppl", "--passkey-lengths", "8",
+                 "--trials", "1", "--dtype", "fp32", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--passkey-lengths" in err and "at least" in err
+    assert not out.exists()

@@ -125,3 +125,16 @@ def test_settings_refuse_incoherent_protocols():
         EvalSettings(perplexity=False, passkey_depths=[1.5])
     with pytest.raises(ValueError, match="stride"):
         EvalSettings(documents=[Path("x.txt")], ppl_lengths=[128], ppl_stride=256)
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch: pytest.MonkeyPatch):
+    from pi_lora.eval import runner
+
+    settings = EvalSettings(perplexity=False, device="cpu")
+    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: False)
+    assert runner.resolve_dtype(settings) == torch.float32  # AVX2: bf16 is ~8x slower
+    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: True)
+    assert runner.resolve_dtype(settings) == torch.bfloat16
+    explicit = EvalSettings(perplexity=False, device="cpu", dtype="bf16")
+    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: False)
+    assert runner.resolve_dtype(explicit) == torch.bfloat16  # asked for: honoured

@@ -42,10 +42,10 @@ class BaseSpec:
     intermediate_size: int = 512
     rope_theta: float = 500.0  # low: slow dims turn inside L, as in Llama (see docs/demo.md)
     learning_rate: float = 1e-3
-    short_steps: int = 300  # phase 1: passkey documents of short_length tokens only
+    short_steps: int = 1000  # phase 1: passkey documents of short_length tokens only
     short_length: int = 64
     short_tokens_per_step: int = 1024
-    mix_steps: int = 400  # phase 2: text + passkey documents, lengths up to `context`
+    mix_steps: int = 1600  # phase 2: text + passkey documents, lengths up to `context`
     tokens_per_step: int = 2048
     passkey_fraction: float = 0.3  # of phase-2 sequences
     threads: int = 2
@@ -180,9 +180,11 @@ def train_base(
         if step % log_every == 0 or step == spec.short_steps + spec.mix_steps - 1:
             entry = {"step": step, "length": length, "loss": round(loss.item(), 4)}
             entry["elapsed_s"] = round(time.time() - start, 1)
-            if step % (4 * log_every) == 0 and step >= spec.short_steps:
+            last = step == spec.short_steps + spec.mix_steps - 1
+            if last or (step % (4 * log_every) == 0 and step >= spec.short_steps):
                 model.eval()
-                entry["passkey_at_L"] = passkey_accuracy(model, tokenizer, spec.context, 10)
+                trials = 40 if last else 10
+                entry["passkey_at_L"] = passkey_accuracy(model, tokenizer, spec.context, trials)
                 model.train()
             log.append(entry)
             print(json.dumps(entry), flush=True)
@@ -208,6 +210,7 @@ def build_base(spec: BaseSpec, out: Path) -> Path:
             + ", ".join(sorted(set(p.name for p in load_plays()) - {p.name for p in train_plays})),
             "passkey": "pi_lora.demo.passkey documents (reference prompt format)",
         },
+        "passkey_at_L": log[-1].get("passkey_at_L"),  # 10 trials at L, after training
         "wall_time_s": round(time.time() - start, 1),
         "torch": torch.__version__,
         "log": log,

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pi_lora.errors import PiLoraError
+
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. "
     "Find it and memorize them. I will quiz you about the important information there."
@@ -83,7 +85,11 @@ def build_prompt(
     sample_words = 200
     per_word = (_count(tokenizer, _filler(0, sample_words)) - _count(tokenizer, "")) / sample_words
     if length_tokens - bare_tokens < 2 * per_word:
-        raise ValueError(f"passkey length {length_tokens} leaves no room for filler")
+        shortest = int(bare_tokens + 2 * per_word) + 1
+        raise PiLoraError(
+            f"passkey length {length_tokens} leaves no room for filler with this tokenizer",
+            field="--passkey-lengths", fix=f"use lengths of at least {shortest} tokens",
+        )
     words = round((length_tokens - bare_tokens) / per_word)
     before = round(depth * words)
     for _ in range(_FIT_ROUNDS):

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from pi_lora.errors import PiLoraError
+
 PplMode = Literal["sliding", "whole-window"]
 
 
@@ -145,9 +147,11 @@ def check_chunked_head(model: PreTrainedModel, input_ids: Tensor, tolerance: flo
     expected = F.cross_entropy(reference, input_ids[0, 1:], reduction="mean").item()
     nll, count = score_window(model, input_ids, 1, chunk_tokens=max(2, input_ids.shape[1] // 2))
     if abs(nll / count - expected) > tolerance:
-        raise ValueError(
+        raise PiLoraError(
             f"chunked scoring gives mean NLL {nll / count:.4f}, the model's own logits "
-            f"{expected:.4f}: this architecture post-processes logits in an unsupported way"
+            f"{expected:.4f}: this architecture post-processes logits in a way pi-lora's "
+            "perplexity scorer does not know",
+            field="model", fix="evaluate a supported family (see docs/eval.md) or use --no-ppl",
         )
 
 

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pi_lora.eval import passkey, perplexity, report, texts
 from pi_lora.eval.perplexity import PplMode
+from pi_lora.model import cpu_has_native_bf16
 
 ModelPair = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
@@ -69,7 +70,7 @@ class EvalSettings(BaseModel):
     ppl_max_tokens: PositiveInt | None = None  # scored tokens per length
     ppl_span_tokens: PositiveInt | None = None  # every length scores the same first N tokens
     chunk_tokens: PositiveInt = 1024  # lm_head rows per chunk when scoring
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device has it
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where computed natively
     device: str = "auto"  # auto: cuda if available, else cpu
     progress: bool = True
 
@@ -103,13 +104,17 @@ def resolve_device(settings: EvalSettings) -> torch.device:
 
 
 def resolve_dtype(settings: EvalSettings) -> torch.dtype:
-    """The dtype target loaders should use: bf16 unless asked for fp32 or the GPU lacks it."""
-    if settings.dtype == "fp32":
-        return torch.float32
+    """The dtype target loaders use; "auto" = bf16 where the device computes it natively.
+
+    On a CPU without native bf16 (AVX2), bf16 matmuls run ~8x slower than fp32, which turns
+    a minutes-long perplexity sweep into hours, so "auto" evaluates in fp32 there.
+    """
+    if settings.dtype != "auto":
+        return torch.float32 if settings.dtype == "fp32" else torch.bfloat16
     device = resolve_device(settings)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float32
-    return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def has_stateful_rope(model: torch.nn.Module) -> bool:
@@ -255,8 +260,7 @@ def run_eval(targets: list[EvalTarget], settings: EvalSettings, out_dir: Path) -
     """Evaluate every target; write report.json, report.md and the PNGs; return the JSON dict."""
     if not targets:
         raise ValueError("run_eval needs at least one target")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # created by the first write: a bad input leaves no directory
     documents = gather_documents(settings) if settings.perplexity else []
     started = time.perf_counter()
     outcomes: list[report.TargetOutcome] = []

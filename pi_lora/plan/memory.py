@@ -191,6 +191,11 @@ def loss_bytes(shape: ModelShape, setup: Setup) -> tuple[float, float, str]:
     if shape.head_trainable:
         stored += shape.vocab * shape.hidden * 4  # head weight gradient, fp32 accumulator
     note = f"chunked: {chunk} tokens x {v:,} at a time, no [T, V] logits"
+    if setup.device_kind == "cpu" and e < 4:
+        # pi_lora.loss runs the head matmuls in fp32 on CPU: an fp32 copy of the head weight
+        # lives for the loss's forward (where the gradients are computed too)
+        working += v * shape.hidden * 4 + chunk * shape.hidden * 4
+        note += "; fp32 head copy on CPU"
     return stored + working, stored, note
 
 
