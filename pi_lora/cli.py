@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-mode", choices=["sliding", "whole-window"])
     p.add_argument("--docs", action="append", type=Path, help="text file or directory (repeatable)")
     p.add_argument("--max-windows", type=int, help="windows per length (bounds cost)")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
+                   help="auto (default): bf16 on GPUs and CPUs that compute it natively, else fp32")
     p.add_argument("--device")
     p.add_argument("--no-passkey", action="store_true")
     p.add_argument("--no-ppl", action="store_true")
