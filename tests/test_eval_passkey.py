@@ -8,6 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from pi_lora.errors import PiLoraError
 from pi_lora.eval import passkey
 
 
@@ -75,8 +76,9 @@ def test_prompt_without_bos_tokenizer():
 
 
 def test_too_short_length_is_refused(tokenizer):
-    with pytest.raises(ValueError, match="no room"):
+    with pytest.raises(PiLoraError, match="no room") as refused:
         passkey.build_prompt(tokenizer, 40, 0.5, "12345")
+    assert refused.value.field == "--passkey-lengths" and "at least" in (refused.value.fix or "")
 
 
 def test_same_seed_same_keys():
