@@ -210,7 +210,7 @@ def build_base(spec: BaseSpec, out: Path) -> Path:
             + ", ".join(sorted(set(p.name for p in load_plays()) - {p.name for p in train_plays})),
             "passkey": "pi_lora.demo.passkey documents (reference prompt format)",
         },
-        "passkey_at_L": log[-1].get("passkey_at_L"),  # 10 trials at L, after training
+        "passkey_at_L": log[-1].get("passkey_at_L"),  # 40 teacher-forced trials at L, at the end
         "wall_time_s": round(time.time() - start, 1),
         "torch": torch.__version__,
         "log": log,

