@@ -7,7 +7,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from pi_lora.attention import (
     disable_s2_attention,
@@ -15,6 +15,7 @@ from pi_lora.attention import (
     register_s2_attention,
     s2_attention_forward,
 )
+from pi_lora.testing import tiny_config
 
 
 class FakeAttention(nn.Module):
@@ -133,23 +134,10 @@ def test_register_is_idempotent_and_names_settings():
 
 
 def tiny_model(family: str) -> nn.Module:
+    """A random 2-layer model of `family` (pi_lora.testing's shapes) on sdpa."""
     torch.manual_seed(0)
-    shape = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 256,
-        "max_position_embeddings": 256,
-    }
-    families = {
-        "llama": (LlamaConfig(**shape), LlamaForCausalLM),
-        "qwen2": (Qwen2Config(**shape, use_sliding_window=False), Qwen2ForCausalLM),
-    }
-    config, model_class = families[family]
-    config._attn_implementation = "sdpa"
-    return model_class(config)
+    config = tiny_config(family, vocab_size=256, max_positions=256)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
 def logits(model, input_ids, attention_mask=None):
@@ -209,30 +197,9 @@ def test_enable_through_peft_wrapper():
     assert lora_grads and all(g is not None for g in lora_grads)
 
 
-OTHER_FAMILIES = {
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 2}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"num_key_value_heads": 2, "head_dim": 16}),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"num_key_value_heads": 1, "head_dim": 16}),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"num_key_value_heads": 2, "pad_token_id": 0}),
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
-}
-
-
-@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma", "phi3", "gpt_neox"])
 def test_other_families_switch_to_s2_in_training_only(family):
-    config_name, model_name, extra = OTHER_FAMILIES[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_name)(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        vocab_size=256,
-        eos_token_id=0,
-        **extra,
-    )
-    config._attn_implementation = "sdpa"
-    model = getattr(transformers, model_name)(config)
+    model = tiny_model(family)
     input_ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
     eval_logits = logits(model.eval(), input_ids)
     train_logits = logits(model.train(), input_ids)
