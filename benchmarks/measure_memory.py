@@ -152,21 +152,16 @@ def _peak(device: str) -> int:
 
 
 def build_training_model(recipe: Any, device: str) -> Any:
-    """Base + rope plan + LoRA (+ checkpointing, S2-Attn) exactly as pi_lora.train builds it."""
-    from pi_lora.model import load_config, load_model, wrap_lora
+    """pi_lora.train's model, with the non-reentrant checkpointing Trainer switches on."""
+    from pi_lora.model import load_config
     from pi_lora.rope import plan_rope
+    from pi_lora.train import build_training_model as build
 
     plan = plan_rope(recipe.rope, load_config(recipe.model))
-    model = load_model(recipe.model, plan, device_map=device if device == "cuda" else None)
-    checkpointing = recipe.training.gradient_checkpointing
-    model = wrap_lora(model, recipe.lora, gradient_checkpointing=checkpointing)
-    if checkpointing:
+    model = build(recipe, plan, device_map=device if device == "cuda" else None)
+    if recipe.training.gradient_checkpointing:
         # what Trainer does with training_arguments(): non-reentrant checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.training.s2_attn:
-        from pi_lora.attention import enable_s2_attention
-
-        enable_s2_attention(model, recipe.training.s2_group_fraction)
     return model.train()
 
 

@@ -252,6 +252,22 @@ def _is_main() -> bool:
     return process_info().is_main
 
 
+def build_training_model(recipe: Recipe, plan: RopePlan, device_map: Any = None) -> Any:
+    """Base with the rope plan + LoRA (+ S2-Attn): the model every training step runs.
+
+    Shared with benchmarks/measure_memory.py so the plan is validated on this very model.
+    """
+    model = load_model(recipe.model, plan, device_map=device_map)
+    # a KV cache in training would also disable transformers' packed-sequence masking
+    model.config.use_cache = False
+    model = wrap_lora(model, recipe.lora, gradient_checkpointing=recipe.training.gradient_checkpointing)
+    if recipe.training.s2_attn:
+        from pi_lora.attention import enable_s2_attention
+
+        enable_s2_attention(model, recipe.training.s2_group_fraction)
+    return model
+
+
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Run the recipe; returns the run directory. Safe to start under torchrun/deepspeed."""
     from transformers import set_seed
@@ -267,14 +283,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     built = build_train_dataset(recipe.data, tokenizer, recipe.seq_len, seed=recipe.training.seed)
     # arguments before the model: under ZeRO-3 they make from_pretrained load it sharded
     args = training_arguments(recipe, run, prepare_processes(bool(recipe.training.deepspeed)))
-    model = load_model(recipe.model, plan)
-    # a KV cache in training would also disable transformers' packed-sequence masking
-    model.config.use_cache = False
-    model = wrap_lora(model, recipe.lora, gradient_checkpointing=recipe.training.gradient_checkpointing)
-    if recipe.training.s2_attn:
-        from pi_lora.attention import enable_s2_attention
-
-        enable_s2_attention(model, recipe.training.s2_group_fraction)
+    model = build_training_model(recipe, plan)
     trainer = _build_trainer(recipe, run, args, model, tokenizer, built.train)
     trainable, total = count_parameters(model)
     if is_main:
