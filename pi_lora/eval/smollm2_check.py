@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from pi_lora.errors import PiLoraError
+from pi_lora.errors import EXIT_USER_ERROR, PiLoraError
 from pi_lora.eval.plots import format_length
 from pi_lora.eval.runner import EvalSettings, EvalTarget, resolve_dtype, run_eval
 from pi_lora.eval.texts import load_kjv_text
@@ -193,4 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except PiLoraError as err:  # missing package or text: one message and its fix, exit 2
+        print(f"smollm2_check: error: {err.render()}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
