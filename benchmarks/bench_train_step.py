@@ -9,7 +9,9 @@ alternate. The parent prints a markdown table with the ratios pi-lora / baseline
 baseline  model(input_ids, labels=labels).loss.backward(), gradient checkpointing, sdpa.
 pi-lora   causal_lm_loss (chunked head + cross-entropy, no logits), checkpointing that keeps
           only the layer inputs (use_reentrant=False), optional S2-Attn (--s2-attn), and on CPU
-          an allocator setting that hands freed activation blocks back (--allocator).
+          the allocator setting `pi-lora train` applies (pi_lora.allocator: glibc's mmap
+          threshold fixed at 1 MiB, so freed activation blocks go back to the OS), or another
+          one (--allocator).
 Both: LoRA r=8, alpha=16 on q,k,v,o; weights created or loaded directly in --dtype (bf16); AdamW.
 """
 
@@ -85,9 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parallel", action="store_true", help="run both settings at once")
     parser.add_argument(
         "--allocator",
-        choices=("auto", "glibc", "glibc-tuned", "mimalloc"),
-        default="auto",
-        help="CPU allocator of the pi-lora worker; auto: mimalloc if installed, else glibc-tuned",
+        choices=("pi-lora", "glibc", "glibc-tuned", "mimalloc"),
+        default="pi-lora",
+        help="CPU allocator of the pi-lora worker; pi-lora: what `pi-lora train` sets up",
     )
     parser.add_argument("--max-context", action="store_true", help="double the length until OOM")
     parser.add_argument("--mem-limit-gb", type=float, default=None, help="memory cap per worker")
@@ -117,6 +119,10 @@ def run_worker(args: argparse.Namespace) -> StepResult:
 
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and args.allocator_used == "pi-lora":
+        from pi_lora.allocator import tune_cpu_allocator
+
+        args.allocator_used = f"pi-lora: {tune_cpu_allocator()}"
     if args.mem_limit_gb is not None:
         _limit_memory(args.mem_limit_gb, device)
     cache_dir = None if args.no_cache else args.cache_dir
@@ -339,12 +345,11 @@ def _mfu(flops: float, seconds: float, device: str) -> float | None:
 def allocator_env(choice: str) -> tuple[str, dict[str, str]]:
     """(name, environment additions) for the pi-lora worker's CPU allocator.
 
-    auto: mimalloc when Debian's libmimalloc2.0 is installed (same peak as the tuned glibc in
-    our runs, less time lost to page faults), else the tuned glibc (needs no install).
+    pi-lora: the worker applies pi_lora.allocator itself, as `pi-lora train` does.
     """
     library = next((path for path in MIMALLOC_PATHS if Path(path).exists()), None)
-    if choice == "auto":
-        choice = "mimalloc" if library else "glibc-tuned"
+    if choice == "pi-lora":
+        return "pi-lora", {}
     if choice == "glibc-tuned":
         return "glibc-tuned " + _env_text(GLIBC_TUNED_ENV), dict(GLIBC_TUNED_ENV)
     if choice == "mimalloc":

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pi_lora import __version__
+from pi_lora.allocator import tune_cpu_allocator
 from pi_lora.data import PackedCollator, build_train_dataset
 from pi_lora.distributed import (
     adapt_deepspeed_config,
@@ -273,6 +274,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     from transformers import set_seed
 
     is_main = _is_main()
+    allocator = tune_cpu_allocator() if not torch.cuda.is_available() else None
     run = RunDir(recipe.output_dir)
     config = load_config(recipe.model)
     plan = plan_rope(recipe.rope, config)
@@ -288,6 +290,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     trainable, total = count_parameters(model)
     if is_main:
         _write_start_facts(run, recipe, plan, trainer.extras_names, trainable, total, built)
+        run.write_facts({"cpu_allocator": allocator})  # None on GPU
         mix = recipe.data.short_mix
         lengths = f"{recipe.seq_len}" + (f" ({mix.fraction:.0%} cut to {mix.seq_len})" if mix else "")
         print(f"pi-lora: {recipe.model.name} {plan.method} x{plan.factor:g} "

@@ -34,6 +34,7 @@ def test_train_then_merge_release(family: str, tie: bool, tiny_models, write_rec
     facts = rd.read_facts()
     assert facts["status"] == "complete" and facts["rope"]["factor"] == 2.0
     assert facts["extras"], "embeddings and norms were trained"
+    assert facts["cpu_allocator"].startswith(("glibc mmap threshold", "left alone")), facts
 
     report = merge_run(run, tmp_path / "release")
     assert report.relative_diff <= report.tolerance and report.top1_agreement == 1.0

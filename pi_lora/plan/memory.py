@@ -2,12 +2,15 @@
 
 The activation terms follow what autograd saves in a transformers 5 Llama-style decoder layer
 wrapped by peft (checked with `torch.autograd.graph.saved_tensors_hooks` in
-tests/test_plan.py). The step peak is the largest of three moments:
+tests/test_plan.py). The step peak is the largest of four moments:
 
 - end of forward: persistent state + checkpointed layer inputs (or every layer's saved
   activations without checkpointing) + the loss's forward peak;
-- backward of one layer: persistent state + checkpoints + that layer's recomputed activations
-  + its gradient temporaries and attention workspace + the trainable parameters' gradients;
+- loss backward: persistent state + checkpoints + the loss's backward peak (plain loss: the
+  [T, V] log-probabilities and their gradients, freed before the decoder's backward starts);
+- backward of one layer: persistent state + checkpoints + the gradient of its output + that
+  layer's recomputed activations + its gradient temporaries and attention workspace + the
+  trainable parameters' gradients;
 - optimizer step: persistent state + gradients + AdamW temporaries.
 
 Symbols: B sequences per device, T tokens per sequence, D hidden, F intermediate, V vocab,
@@ -34,14 +37,11 @@ ZERO3_LIVE_LAYERS = 2  # gathered by ZeRO-3 at once: the running layer + the pre
 # Resident set of a process that has imported torch, transformers, peft and pi-lora and built
 # a 2-layer tiny model: measured 455-462 MiB (torch 2.13 CPU, transformers 5.23) across runs.
 CPU_RUNTIME_BYTES = 460 * 2**20
-# glibc malloc does not hand freed blocks under its (dynamic, up to 32 MiB) mmap threshold back
-# to the OS: after the first optimizer step the heap keeps the first step's gradients and
-# AdamW temporaries, pinned below the optimizer states allocated after them. Later steps reuse
-# those blocks, so RSS never drops below `persistent + retained` and rises above it only when
-# a step's live transient bytes are larger. Measured (benchmarks/measure_memory.py, phases
-# read from /proc/self/status): 26 bytes per trainable parameter on the mini and small models
-# (extras-dominated, fp32). On top of live transients glibc keeps a further slack share.
-CPU_RETAINED_BYTES_PER_TRAINABLE = 26
+# `pi-lora train` fixes glibc's mmap threshold on CPU (pi_lora.allocator), so freed activation
+# buffers leave the resident set and the peak follows the live tensors; what glibc still keeps
+# (small blocks in the heap, freed but not at its top) is a share on top of the transients.
+# Without that setting the resident set grows to the sum of several moments' transients
+# (measured +42% on a 512-wide model at 2k tokens): the plan does not model it.
 CPU_ALLOCATOR_SLACK = 0.03
 # Loading a GGUF file: transformers dequantizes tensors to fp32 numpy arrays before the copy in
 # the target dtype, so loading peaks above the final weights. Measured on SmolLM2-135M Q4_1:
@@ -70,6 +70,8 @@ class MemoryPlan:
     peak_moment: str
     host_bytes_per_node: int  # offloaded states (ZeRO-3 offload)
     device_bytes: int
+    # every moment's transient terms (the peak's included), so the table can show all of them
+    moments: dict[str, list[Term]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -183,6 +185,8 @@ def loss_bytes(shape: ModelShape, setup: Setup) -> tuple[float, float, str]:
         upcast = 4 if e < 4 else 0  # transformers upcasts half-precision logits to fp32
         forward = tokens * v * (e + upcast + 4)  # logits, fp32 copy, log-softmax output
         backward = tokens * v * (4 + 4 + 4 + (e if e < 4 else 0))  # saved, grad in, grad out
+        if shape.head_trainable:  # tied to trained embeddings: its gradient is made here
+            backward += v * shape.hidden * 4
         return forward, backward, f"plain: [B*T, V] logits, {tokens:,} x {v:,}"
     chunk = min(setup.chunk_tokens, tokens)
     # fp32 logits + logsumexp's two fp32 temporaries (x - max, exp) on the chunk
@@ -221,9 +225,11 @@ def plan_memory(shape: ModelShape, setup: Setup, device: Device) -> MemoryPlan:
     attention, attention_note = attention_working_bytes(shape, setup)
     moments = {
         "end of forward": [stored, Term("logits / loss (forward)", loss_forward, loss_note)],
+        "loss backward": [stored, Term("logits / loss (backward)", loss_backward, loss_note)],
         "backward of the last layer": [
             stored,
-            Term("logits / loss (backward)", loss_backward, loss_note),
+            Term("gradient of the hidden states", tokens * shape.hidden * e,
+                 "what the loss hands to the last layer; the loss's own buffers are freed"),
             Term("recompute working set (1 layer)" if setup.checkpointing
                  else "layer gradient temporaries",
                  (per_layer if setup.checkpointing else 0) + layer_gradient_bytes(shape, setup),
@@ -240,7 +246,8 @@ def plan_memory(shape: ModelShape, setup: Setup, device: Device) -> MemoryPlan:
     return MemoryPlan(
         terms=terms, step_peak_bytes=int(_total(terms)),
         load_peak_bytes=_load_peak(shape, setup, device, persistent), peak_moment=moment,
-        host_bytes_per_node=_host_bytes(shape, setup), device_bytes=device.memory_bytes)
+        host_bytes_per_node=_host_bytes(shape, setup), device_bytes=device.memory_bytes,
+        moments=moments)
 
 
 def _total(terms: list[Term]) -> float:
@@ -257,12 +264,10 @@ def _weights_format(setup: Setup) -> str:
 
 def _overhead(shape: ModelShape, device: Device, transient: float) -> list[Term]:
     if device.kind == "cpu":
-        retained = shape.trainable_params * CPU_RETAINED_BYTES_PER_TRAINABLE
-        held = max(retained, transient * (1 + CPU_ALLOCATOR_SLACK)) - transient
         return [Term("python/torch runtime", CPU_RUNTIME_BYTES, "calibrated constant (CPU)"),
-                Term("glibc retained blocks", held,
-                     f"max({CPU_RETAINED_BYTES_PER_TRAINABLE} B/trainable param, transient x "
-                     f"{1 + CPU_ALLOCATOR_SLACK:g}) - transient (calibrated)")]
+                Term("allocator slack", transient * CPU_ALLOCATOR_SLACK,
+                     f"{CPU_ALLOCATOR_SLACK:.0%} of the transient bytes; glibc with "
+                     "pi-lora's fixed mmap threshold (pi_lora.allocator)")]
     return [Term("CUDA context", CUDA_CONTEXT_BYTES, "outside torch's allocator"),
             Term("allocator fragmentation", transient * CUDA_FRAGMENTATION,
                  f"{CUDA_FRAGMENTATION:.0%} of the transient bytes")]

@@ -47,6 +47,7 @@ def render_table(plan: Plan) -> str:
                  f"{plan.verdict.upper()}")
     if m.host_bytes_per_node:
         lines.append(f"  host RAM per node for offload: {m.host_bytes_per_node / GIB:.1f} GiB")
+    lines += _other_moments(m)
     lines += [
         "",
         "time:",
@@ -62,6 +63,18 @@ def render_table(plan: Plan) -> str:
         f"{t.device_hours:,.1f} {plan.device.name}-hours",
     ]
     return "\n".join(lines + _render_advice(plan))
+
+
+def _other_moments(m: Any) -> list[str]:
+    """The transient terms of the moments that are not the peak, each with its own total."""
+    lines = []
+    for moment, terms in m.moments.items():
+        if moment == m.peak_moment:
+            continue
+        total = sum(t.bytes for t in terms)
+        lines.append(f"  at {moment}: transients {_gib(total).strip()}")
+        lines += [f"    {term.name:<36}{_gib(term.bytes)}" for term in terms]
+    return ["", "other moments of the step (not the peak):", *lines] if lines else []
 
 
 def _render_advice(plan: Plan) -> list[str]:
@@ -88,6 +101,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "memory": {
             "terms": [asdict(t) for t in plan.memory.terms],
             "peak_moment": plan.memory.peak_moment,
+            "moments": {name: [asdict(t) for t in terms]
+                        for name, terms in plan.memory.moments.items()},
             "step_peak_bytes": plan.memory.step_peak_bytes,
             "load_peak_bytes": plan.memory.load_peak_bytes,
             "peak_bytes": plan.memory.peak_bytes,
