@@ -123,6 +123,8 @@ class TrainingSection(_Section):
     per_device_batch_size: PositiveInt = 1
     gradient_accumulation_steps: PositiveInt = 1
     gradient_checkpointing: bool = True
+    offload_checkpoints: bool = Field(
+        False, description="GPU only: keep the checkpointed layer inputs in pinned host memory")
     precision: DType = "bf16"
     seed: int = 42
     save_steps: PositiveInt = 100
@@ -294,6 +296,11 @@ def _cross_checks(recipe: Recipe) -> list[PiLoraError]:
         errors.append(PiLoraError(
             "8-bit quantization cannot be sharded by ZeRO", field="model.quantization.bits",
             fix="use bits: 4 with ZeRO-3, or drop training.deepspeed"))
+    if recipe.training.offload_checkpoints and not recipe.training.gradient_checkpointing:
+        errors.append(PiLoraError(
+            "offloads the checkpointed layer inputs, so it needs checkpointing",
+            field="training.offload_checkpoints",
+            fix="set training.gradient_checkpointing: true, or drop offload_checkpoints"))
     errors += _check_deepspeed_path(recipe.training.deepspeed)
     return errors
 

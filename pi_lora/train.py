@@ -53,9 +53,15 @@ def _make_trainer_class() -> type:
     class PiLoraTrainer(_trainer_base()):  # type: ignore[misc]
         extras_names: tuple[str, ...] = ()
         chunk_tokens: int | None = None
+        offload_checkpoints: bool = False
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
+            with checkpoint_offload(self.offload_checkpoints):
+                return self._loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool,
+                  num_items_in_batch: Any) -> Any:
             head = _sharded_output_head(self.model)
             # DDP syncs gradients only through its own forward, which the chunked path bypasses
             ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -114,6 +120,26 @@ def _make_trainer_class() -> type:
             apply_extras(model or self.model, Path(resume_from_checkpoint) / EXTRAS_FILE)
 
     return PiLoraTrainer
+
+
+def checkpoint_offload(enabled: bool) -> Any:
+    """Tensors saved for backward during the forward go to (pinned) host memory.
+
+    With non-reentrant checkpointing the only tensors a checkpointed layer saves are its inputs
+    (torch saves them through save_for_backward, so saved-tensor hooks see them): the device
+    then holds one layer's activations at a time, the host L x B x T x D. The copies are not
+    overlapped with compute; `pi-lora plan` counts them over the host link.
+    """
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
+
+def check_training_device(recipe: Recipe) -> None:
+    """GPU-only training options fail before anything is loaded or written."""
+    if recipe.training.offload_checkpoints and not torch.cuda.is_available():
+        raise PiLoraError("offload_checkpoints needs a CUDA GPU", field="training.offload_checkpoints",
+                          fix="set it to false: on CPU the checkpoints already live in host memory")
 
 
 # --------------------------------------------------------------------------- DeepSpeed helpers
@@ -273,6 +299,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     """Run the recipe; returns the run directory. Safe to start under torchrun/deepspeed."""
     from transformers import set_seed
 
+    check_training_device(recipe)
     is_main = _is_main()
     allocator = tune_cpu_allocator() if not torch.cuda.is_available() else None
     run = RunDir(recipe.output_dir)
@@ -324,6 +351,7 @@ def _build_trainer(recipe: Recipe, run: RunDir, args: Any, model: Any, tokenizer
     trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
     trainer.extras_names = tuple(extras_parameter_names(model, recipe.lora.trainable_extras))
     trainer.chunk_tokens = recipe.training.loss_chunk_tokens if recipe.training.chunked_loss else None
+    trainer.offload_checkpoints = recipe.training.offload_checkpoints
     return trainer
 
 

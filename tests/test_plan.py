@@ -174,3 +174,19 @@ def test_drift_would_fail(monkeypatch: pytest.MonkeyPatch) -> None:
                              predicted_step_bytes=120, measured_step_bytes=100)
     assert abs(row.error) > TOLERANCE
     assert cpu_device().kind == "cpu"
+
+
+def test_offloaded_checkpoints_leave_one_layer_on_the_device() -> None:
+    recipe = load_recipe(REPO / "recipes/llama2-7b-16k.yaml")
+    plain = plan_recipe(recipe, get_device("h100-80gb"), gpus=8, nodes=1)
+    moved = plan_recipe(load_recipe(REPO / "recipes/llama2-7b-16k.yaml",
+                                    ["training.offload_checkpoints=true"]),
+                        get_device("h100-80gb"), gpus=8, nodes=1)
+    s, shape = plain.setup, plain.shape
+    layer_input = s.batch * s.seq_len * shape.hidden * s.dtype_bytes
+    saved = (shape.layers - 1) * layer_input
+    assert plain.memory.step_peak_bytes - moved.memory.step_peak_bytes == pytest.approx(
+        saved * 1.08, rel=0.01)  # + the fragmentation share of those bytes
+    assert moved.memory.host_bytes_per_node - plain.memory.host_bytes_per_node == \
+        shape.layers * layer_input * 8
+    assert moved.time.offload_seconds > plain.time.offload_seconds

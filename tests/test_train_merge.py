@@ -166,3 +166,54 @@ def test_bf16_training_with_fp32_extras(tiny_models, write_recipe, tmp_path: Pat
     assert _losses(run) and all(loss == loss for loss in _losses(run))  # finite, no NaN
     report = merge_run(run, tmp_path / "rel")
     assert report.dtype == "bf16" and report.relative_diff <= report.tolerance
+
+
+def test_offload_checkpoints_is_gpu_only(tiny_models, write_recipe, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the CPU refusal is what is tested")
+    path = write_recipe(tiny_models("llama"), training={"offload_checkpoints": True})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "training.offload_checkpoints" in err and "CUDA" in err
+    assert not (tmp_path / "run").exists()
+    no_ckpt = write_recipe(tiny_models("llama"), training={
+        "offload_checkpoints": True, "gradient_checkpointing": False})
+    assert main(["validate", str(no_ckpt)]) == 2
+    assert "needs checkpointing" in capsys.readouterr().err
+
+
+def test_checkpoint_offload_routes_layer_inputs_through_saved_tensor_hooks() -> None:
+    """save_on_cpu sees exactly what a hook sees: with non-reentrant checkpointing that is each
+    layer's input (L x [B, T, D]), not its inner activations; gradients are unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from pi_lora.testing import tiny_config
+    from pi_lora.train import checkpoint_offload
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    model = AutoModelForCausalLM.from_config(config).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, config.vocab_size, (1, 32))
+
+    def grads(offload: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with checkpoint_offload(offload):
+            model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids).loss.backward()
+    hidden = (1, 32, config.hidden_size)
+    assert shapes.count(hidden) >= config.num_hidden_layers  # the checkpointed inputs
+    mlp = (1, 32, config.intermediate_size)
+    assert mlp not in shapes, "inner activations must stay under the checkpoint, not offloaded"
+    for plain, offloaded in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(offloaded, plain, rtol=0, atol=0)

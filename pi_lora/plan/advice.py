@@ -53,6 +53,10 @@ def candidates(recipe: Recipe, setup: Setup, fits: bool) -> list[Candidate]:
         found.append(Candidate("ZeRO-3 + CPU offload", ("training.deepspeed=zero3_offload",),
                                "weights and optimizer states in host RAM; PCIe-bound",
                                _training(deepspeed="zero3_offload")))
+    if t.gradient_checkpointing and not t.offload_checkpoints and setup.device_kind == "gpu":
+        found.append(Candidate("offload checkpoints", ("training.offload_checkpoints=true",),
+                               "layer inputs in pinned host memory; PCIe copies each step",
+                               _training(offload_checkpoints=True)))
     if setup.quant_bits is None and setup.device_kind == "gpu":
         found.append(Candidate("QLoRA (nf4 base)", ("model.quantization.bits=4",),
                                "4-bit frozen base; slower matmuls, small quality cost",

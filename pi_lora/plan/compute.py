@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pi_lora.plan.devices import INTER_NODE_GBPS, Device
-from pi_lora.plan.memory import frozen_weight_bytes
+from pi_lora.plan.memory import checkpoint_bytes, frozen_weight_bytes
 from pi_lora.plan.setup import Setup
 from pi_lora.plan.shape import ModelShape
 
@@ -109,10 +109,15 @@ def _communication_seconds(shape: ModelShape, setup: Setup, device: Device) -> f
 
 
 def _offload_seconds(shape: ModelShape, setup: Setup, device: Device) -> float:
-    """Per micro-step, not overlapped (conservative): each device pulls its weight shard from
-    the host per pass and ships its gradient shard out."""
-    if not setup.offload or device.kind == "cpu":
+    """Per micro-step, not overlapped (conservative): under ZeRO offload each device pulls its
+    weight shard from the host per pass and ships its gradient shard out; offloaded checkpoints
+    go out in the forward and come back for the recompute."""
+    if device.kind == "cpu":
         return 0.0
-    passes = 3 if setup.checkpointing else 2
-    moved = (frozen_weight_bytes(shape, setup) * passes + shape.trainable_params * 4) / setup.world
+    moved = 0.0
+    if setup.offload:
+        passes = 3 if setup.checkpointing else 2
+        moved += (frozen_weight_bytes(shape, setup) * passes + shape.trainable_params * 4) / setup.world
+    if setup.offload_checkpoints and setup.checkpointing:
+        moved += 2 * checkpoint_bytes(shape, setup)
     return moved / (device.host_link_gbps * 1e9)

@@ -68,7 +68,7 @@ class MemoryPlan:
     step_peak_bytes: int
     load_peak_bytes: int
     peak_moment: str
-    host_bytes_per_node: int  # offloaded states (ZeRO-3 offload)
+    host_bytes_per_node: int  # ZeRO-3 offload states + offloaded checkpoints
     device_bytes: int
     # every moment's transient terms (the peak's included), so the table can show all of them
     moments: dict[str, list[Term]] = field(default_factory=dict)
@@ -215,8 +215,11 @@ def plan_memory(shape: ModelShape, setup: Setup, device: Device) -> MemoryPlan:
                   *_trainable_terms(shape, setup)]
     per_layer = layer_activation_bytes_per_token(shape, setup) * tokens
     if setup.checkpointing:
-        stored = Term("checkpointed layer inputs", shape.layers * tokens * shape.hidden * e,
+        stored = Term("checkpointed layer inputs", checkpoint_bytes(shape, setup),
                       f"L x B x T x D x {e} bytes")
+        if setup.offload_checkpoints:  # one layer's input is back on the device at a time
+            stored = Term("checkpointed layer inputs (offloaded)", tokens * shape.hidden * e,
+                          f"host keeps L x B x T x D x {e}; one layer's copy on the device")
     else:
         stored = Term("saved activations (no checkpointing)", shape.layers * per_layer,
                       "every layer keeps what autograd saved")
@@ -241,7 +244,7 @@ def plan_memory(shape: ModelShape, setup: Setup, device: Device) -> MemoryPlan:
                                 "sqrt and division buffers, fp32 (single-tensor path)")],
     }
     moment, transient = max(moments.items(), key=lambda item: _total(item[1]))
-    overhead = _overhead(shape, device, _total(transient))
+    overhead = _overhead(device, _total(transient))
     terms = persistent + transient + overhead
     return MemoryPlan(
         terms=terms, step_peak_bytes=int(_total(terms)),
@@ -262,7 +265,7 @@ def _weights_format(setup: Setup) -> str:
     return {2: "bf16", 4: "fp32"}[setup.dtype_bytes]
 
 
-def _overhead(shape: ModelShape, device: Device, transient: float) -> list[Term]:
+def _overhead(device: Device, transient: float) -> list[Term]:
     if device.kind == "cpu":
         return [Term("python/torch runtime", CPU_RUNTIME_BYTES, "calibrated constant (CPU)"),
                 Term("allocator slack", transient * CPU_ALLOCATOR_SLACK,
@@ -282,9 +285,18 @@ def _load_peak(shape: ModelShape, setup: Setup, device: Device, persistent: list
 
 
 def _host_bytes(shape: ModelShape, setup: Setup) -> int:
-    """Host RAM per node for ZeRO-3 offload: bf16 weights + fp32 master, Adam and gradients."""
-    if not setup.offload:
-        return 0
-    per_node = 1 / setup.nodes
-    weights = frozen_weight_bytes(shape, setup) * per_node
-    return int(weights + shape.trainable_params * (4 + ADAM_BYTES + 4) * per_node)
+    """Host RAM per node: ZeRO-3 offload (bf16 weights + fp32 master, Adam and gradients)
+    and offloaded checkpoints (every device's layer inputs, pinned)."""
+    total = 0.0
+    if setup.offload:
+        per_node = 1 / setup.nodes
+        weights = frozen_weight_bytes(shape, setup) * per_node
+        total += weights + shape.trainable_params * (4 + ADAM_BYTES + 4) * per_node
+    if setup.offload_checkpoints and setup.checkpointing:
+        total += checkpoint_bytes(shape, setup) * setup.gpus_per_node
+    return int(total)
+
+
+def checkpoint_bytes(shape: ModelShape, setup: Setup) -> float:
+    """The checkpointed layer inputs of one device: L x B x T x D x e."""
+    return shape.layers * setup.batch * setup.seq_len * shape.hidden * setup.dtype_bytes

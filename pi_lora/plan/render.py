@@ -46,7 +46,7 @@ def render_table(plan: Plan) -> str:
     lines.append(f"  {'total':<38}{_gib(m.peak_bytes)}   of {m.device_bytes / GIB:.1f} GiB: "
                  f"{plan.verdict.upper()}")
     if m.host_bytes_per_node:
-        lines.append(f"  host RAM per node for offload: {m.host_bytes_per_node / GIB:.1f} GiB")
+        lines.append(f"  host RAM per node for offloaded states: {m.host_bytes_per_node / GIB:.1f} GiB")
     lines += _other_moments(m)
     lines += [
         "",

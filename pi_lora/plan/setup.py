@@ -24,6 +24,7 @@ class Setup:
     zero_stage: int  # 0 = no DeepSpeed
     offload: bool
     checkpointing: bool
+    offload_checkpoints: bool  # checkpointed layer inputs in pinned host memory (GPU)
     chunked_loss: bool
     chunk_tokens: int
     s2_attn: bool
@@ -61,7 +62,8 @@ def setup_from_recipe(recipe: Recipe, *, gpus: int, nodes: int, device_kind: str
         seq_len=recipe.seq_len, batch=t.per_device_batch_size,
         grad_accum=t.gradient_accumulation_steps, max_steps=t.max_steps,
         gpus_per_node=gpus, nodes=nodes, zero_stage=stage, offload=offload,
-        checkpointing=t.gradient_checkpointing, chunked_loss=t.chunked_loss,
+        checkpointing=t.gradient_checkpointing, offload_checkpoints=t.offload_checkpoints,
+        chunked_loss=t.chunked_loss,
         chunk_tokens=t.loss_chunk_tokens, s2_attn=t.s2_attn, group_fraction=t.s2_group_fraction,
         attn=m.attn_implementation, dtype_bytes=DTYPE_BYTES[m.dtype],
         quant_bits=quant.bits if quant else None, double_quant=bool(quant and quant.double_quant),
