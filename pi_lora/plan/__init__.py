@@ -63,7 +63,7 @@ class Plan:
     def verdict(self) -> str:
         if not self.memory.fits:
             return DOES_NOT_FIT
-        return FITS_WITH_OFFLOAD if self.setup.offload else FITS
+        return FITS_WITH_OFFLOAD if self.setup.offload or self.setup.offload_checkpoints else FITS
 
 
 def plan_recipe(recipe: Recipe, device: Device, *, gpus: int = 1, nodes: int = 1,
