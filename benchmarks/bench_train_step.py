@@ -12,7 +12,8 @@ pi-lora   causal_lm_loss (chunked head + cross-entropy, no logits), checkpointin
           the allocator setting `pi-lora train` applies (pi_lora.allocator: glibc's mmap
           threshold fixed at 1 MiB, so freed activation blocks go back to the OS), or another
           one (--allocator).
-Both: LoRA r=8, alpha=16 on q,k,v,o; weights created or loaded directly in --dtype (bf16); AdamW.
+Both: LoRA r=8, alpha=16 on q,k,v,o; weights created or loaded directly in --dtype (auto: bf16
+where the hardware has it, else fp32); AdamW.
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="worker runs per setting/length")
     parser.add_argument(
         "--dtype",
-        choices=("bf16", "fp32"),
-        default="bf16",
-        help="weight dtype; fp32 for CPUs without bf16 units, where bf16 matmuls crawl",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="weight dtype; auto: bf16 on GPUs and CPUs with bf16 units, else fp32 "
+        "(bf16 matmuls crawl on CPUs without them)",
     )
     parser.add_argument("--parallel", action="store_true", help="run both settings at once")
     parser.add_argument(
@@ -535,9 +537,20 @@ def _prepare_cache(args: argparse.Namespace) -> None:
     subprocess.run(command, check=True)
 
 
+def _auto_dtype() -> str:
+    """The dtype `pi-lora eval --dtype auto` would pick on this machine."""
+    import torch
+
+    from pi_lora.model import cpu_has_native_bf16
+
+    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "fp32"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO_ROOT))
+    if args.dtype == "auto":
+        args.dtype = _auto_dtype()
     if args.convert:
         convert_smollm2(args.cache_dir)
         return
