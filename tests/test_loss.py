@@ -179,3 +179,29 @@ def test_model_loss_keeps_no_logits_tensor():
     assert max(plain) >= logits_numel
     # The largest kept tensor is the head-weight gradient [V, D], far below B * T * V.
     assert max(ours) <= VOCAB * model.config.hidden_size < logits_numel
+
+
+def test_bf16_checkpointed_step_keeps_no_extra_fp32_hidden_states():
+    """Between forward and backward a bf16 LoRA model with checkpointing keeps its layer inputs
+    (bf16), the loss's d loss / d hidden (bf16) and the final norm's own fp32 input: one
+    full-length fp32 [B, T, D] tensor, not one per layer or per chunk."""
+    model = tiny_llama(dtype=torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).train()
+    input_ids = torch.randint(0, VOCAB, (1, 128), generator=torch.Generator().manual_seed(1))
+    labels = input_ids
+    full = input_ids.numel() * model.config.hidden_size
+    storages: dict[tuple[torch.dtype, int], int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.numel() == full:
+            storages[(tensor.dtype, tensor.untyped_storage().data_ptr())] = tensor.numel()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        causal_lm_loss(model, input_ids, labels, chunk_tokens=32)
+    kinds = [dtype for dtype, _ in storages]
+    assert kinds.count(torch.float32) == 1, storages  # the final RMSNorm's upcast input
+    # the layer inputs + the gradient the loss hands to the last layer
+    assert kinds.count(torch.bfloat16) == model.config.num_hidden_layers + 1, storages
