@@ -33,7 +33,6 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("baseline", "pi-lora")
 RESULT_PREFIX = "RESULT "
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # glibc: a fixed mmap threshold sends every block >= 64 KiB to mmap, so a freed activation
 # goes back to the OS at once instead of staying in a fragmented arena (the dynamic default
 # threshold climbs to 32 MiB after the first large free). Trimming keeps the heap top small.
@@ -182,7 +181,9 @@ def load_model(name: str, seq_len: int, device: str, cache_dir: Path | None, dty
     if name == "smollm2":
         local = {"dtype": dtype, "attn_implementation": "sdpa"}
         if cache_dir is None:
-            local["gguf_file"] = SMOLLM2_GGUF
+            from pi_lora.testing import SMOLLM2_GGUF_FILE
+
+            local["gguf_file"] = SMOLLM2_GGUF_FILE
         source = _smollm2_dir() if cache_dir is None else str(smollm2_cache(cache_dir))
         return AutoModelForCausalLM.from_pretrained(source, **local).to(device)
     if name == "tiny":
@@ -210,9 +211,11 @@ def convert_smollm2(cache_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pi_lora.testing import SMOLLM2_GGUF_FILE
+
     target = smollm2_cache(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(
-        _smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.bfloat16
+        _smollm2_dir(), gguf_file=SMOLLM2_GGUF_FILE, dtype=torch.bfloat16
     )
     model.hf_quantizer = None  # save_pretrained refuses a model still tied to the GGUF quantizer
     del model.config.quantization_config
@@ -538,12 +541,13 @@ def _prepare_cache(args: argparse.Namespace) -> None:
 
 
 def _auto_dtype() -> str:
-    """The dtype `pi-lora eval --dtype auto` would pick on this machine."""
+    """The dtype `pi-lora eval --dtype auto` picks on this machine (its own resolver)."""
     import torch
 
-    from pi_lora.model import cpu_has_native_bf16
+    from pi_lora.eval.runner import EvalSettings, resolve_dtype
 
-    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "fp32"
+    auto = EvalSettings(perplexity=False)  # dtype and device "auto"
+    return "bf16" if resolve_dtype(auto) == torch.bfloat16 else "fp32"
 
 
 def main(argv: list[str] | None = None) -> None:

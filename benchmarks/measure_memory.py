@@ -32,7 +32,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 RESULT_PREFIX = "MEASURED "
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STEPS = 2  # the second step has AdamW states allocated; the peak is over both
 
 # Random Llama shapes for validation: big vocabularies so logits matter at short lengths.
@@ -291,10 +290,12 @@ def case_recipe(case: Case, work_dir: Path) -> Path | None:
     import yaml
 
     if case.model == "smollm2":
+        from pi_lora.testing import SMOLLM2_GGUF_FILE
+
         folder = smollm2_dir()
         if folder is None:
             return None
-        model = {"name": str(folder), "gguf_file": SMOLLM2_GGUF, "dtype": case.dtype}
+        model = {"name": str(folder), "gguf_file": SMOLLM2_GGUF_FILE, "dtype": case.dtype}
     else:
         folder = build_random_model(case.model, work_dir / f"{case.model}-{case.dtype}", case.dtype)
         model = {"name": str(folder), "dtype": case.dtype}

@@ -316,8 +316,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     trainer = _build_trainer(recipe, run, args, model, tokenizer, built.train)
     trainable, total = count_parameters(model)
     if is_main:
-        _write_start_facts(run, recipe, plan, trainer.extras_names, trainable, total, built)
-        run.write_facts({"cpu_allocator": allocator})  # None on GPU
+        _write_start_facts(run, recipe, plan, trainer.extras_names, trainable, total, built,
+                           allocator)
         mix = recipe.data.short_mix
         lengths = f"{recipe.seq_len}" + (f" ({mix.fraction:.0%} cut to {mix.seq_len})" if mix else "")
         print(f"pi-lora: {recipe.model.name} {plan.method} x{plan.factor:g} "
@@ -383,7 +383,7 @@ def _last_loss(trainer: Any) -> float | None:
 
 
 def _write_start_facts(run: RunDir, recipe: Recipe, plan: RopePlan, extras: list[str],
-                       trainable: int, total: int, built: Any) -> None:
+                       trainable: int, total: int, built: Any, allocator: str | None) -> None:
     import transformers
 
     run.write_facts({
@@ -396,6 +396,7 @@ def _write_start_facts(run: RunDir, recipe: Recipe, plan: RopePlan, extras: list
         "seq_len": recipe.seq_len, "world_size": _world_size(),
         "data_cache": str(built.cache_path),
         "epochs_for_max_steps": _epochs(recipe, len(built.train)),
+        "cpu_allocator": allocator,  # None on GPU
     })
 
 

@@ -10,6 +10,7 @@ from pi_lora.plan.devices import GIB
 
 if TYPE_CHECKING:
     from pi_lora.plan import Plan
+    from pi_lora.plan.memory import MemoryPlan
 
 
 def _gib(value: float) -> str:
@@ -65,7 +66,7 @@ def render_table(plan: Plan) -> str:
     return "\n".join(lines + _render_advice(plan))
 
 
-def _other_moments(m: Any) -> list[str]:
+def _other_moments(m: MemoryPlan) -> list[str]:
     """The transient terms of the moments that are not the peak, each with its own total."""
     lines = []
     for moment, terms in m.moments.items():
