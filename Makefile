@@ -20,7 +20,7 @@ torch:  ## torch: keep an installed one (CUDA users); else a CPU wheel on GPU-le
 install: torch  ## install pi-lora (editable) with test, DeepSpeed, bitsandbytes extras
 	$(PIP) install -e ".[dev]"
 
-demo: install  ## the PI paper in miniature: train + merge + eval on CPU, offline (~4 min after install)
+demo: install  ## the PI paper in miniature: train + merge + eval on CPU, offline (~6 min after install)
 	$(OFFLINE) $(PY) -m pi_lora.demo.run --out build/demo
 
 test: install  ## the CI test suite (tiny models, CPU, offline)
