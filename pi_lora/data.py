@@ -21,18 +21,18 @@ from typing import Any
 
 import torch
 
+from pi_lora.digest import cache_root, file_sha256
 from pi_lora.errors import PiLoraError
 from pi_lora.recipe import DataSection
 
 IGNORE_INDEX = -100
 _BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json",
              ".parquet": "parquet"}
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("PI_LORA_CACHE") or Path.home() / ".cache" / "pi-lora"
-    return Path(root) / "data"
+    return cache_root() / "data"
 
 
 # --------------------------------------------------------------------------- raw data
@@ -191,7 +191,8 @@ class BuiltData:
 def _fingerprint(data: DataSection, tokenizer: Any, seq_len: int, seed: int) -> str:
     sources: Any
     if data.files:
-        sources = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in expand_files(data.files)]
+        # by content: a file rewritten with new text but the same size is a new dataset
+        sources = [(str(p), file_sha256(p)) for p in expand_files(data.files)]
     else:
         sources = data.dataset.model_dump() if data.dataset else None
     key = {"v": CACHE_VERSION, "sources": sources, "seq_len": seq_len, "seed": seed,

@@ -9,6 +9,7 @@ relaunch; the same holds when torchrun, accelerate or deepspeed started `pi-lora
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from pi_lora.distributed import process_info
 from pi_lora.errors import PiLoraError
+from pi_lora.provenance import COMMAND_ENV, command_line
 
 LAUNCHED_VARIABLE = "PI_LORA_LAUNCHED"  # set in children: a second relaunch would recurse
 DEFAULT_MASTER_PORT = 29500
@@ -92,7 +94,7 @@ def launcher_command(plan: LaunchPlan, child_args: list[str]) -> list[str]:
 def relaunch(plan: LaunchPlan, child_args: list[str]) -> int:
     """Run the launcher in the foreground; its exit status is the command's."""
     command = launcher_command(plan, child_args)
-    env = {**os.environ, LAUNCHED_VARIABLE: "1"}
+    env = {**os.environ, LAUNCHED_VARIABLE: "1", COMMAND_ENV: json.dumps(command_line())}
     print(f"pi-lora: launching {plan.processes_per_node()} process(es) x {plan.nnodes} node(s): "
           f"{' '.join(command[1:6])} ...", flush=True)
     return subprocess.run(command, env=env, check=False).returncode

@@ -19,8 +19,15 @@ from typing import Any
 import torch
 
 from pi_lora.errors import PiLoraError
-from pi_lora.model import TORCH_DTYPES, load_model, load_tokenizer
+from pi_lora.model import TORCH_DTYPES, compute_4bit_as_trained, load_model, load_tokenizer
 from pi_lora.recipe import DType, Recipe
+from pi_lora.release import (
+    MERGE_REPORT_FILE,
+    PROVENANCE_FILE,
+    RELEASE_RECIPE_FILE,
+    model_card,
+    release_provenance,
+)
 from pi_lora.rope import RopePlan
 from pi_lora.rundir import RunDir, apply_extras
 
@@ -62,7 +69,7 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
     try:
         report = _merge_into(tmp, run, recipe, plan, facts, release_dtype, probe_tokens, started)
         report.release_dir = str(out)
-        (tmp / "merge_report.json").write_text(json.dumps(asdict(report), indent=2))
+        (tmp / MERGE_REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -108,7 +115,7 @@ def _merge_base(recipe: Recipe, plan: RopePlan, work_dtype: DType) -> Any:
     if recipe.model.quantization is None:
         return load_model(recipe.model, plan, dtype=work_dtype, quantize=False)
     quantized = load_model(recipe.model, plan, dtype=work_dtype)
-    return quantized.dequantize().to(TORCH_DTYPES[work_dtype])
+    return quantized.dequantize(dtype=TORCH_DTYPES[work_dtype])
 
 
 def _quantized_logits(recipe: Recipe, plan: RopePlan, run: RunDir, probe: torch.Tensor,
@@ -119,6 +126,7 @@ def _quantized_logits(recipe: Recipe, plan: RopePlan, run: RunDir, probe: torch.
     from peft import PeftModel
 
     base = load_model(recipe.model, plan, dtype=work_dtype)
+    compute_4bit_as_trained(base)  # not bf16 activations, which the release never computes
     apply_extras(base, run.extras_path)
     model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     model.eval()
@@ -149,8 +157,10 @@ def _save_release(model: Any, out: Path, recipe: Recipe, plan: RopePlan, facts: 
     model.save_pretrained(str(out), safe_serialization=True, max_shard_size="5GB")
     load_tokenizer(recipe.model).save_pretrained(str(out))
     _mirror_legacy_rope_scaling(out / "config.json", plan)
-    shutil.copy(run.recipe_path, out / "pi_lora_recipe.yaml")
-    (out / "README.md").write_text(model_card(recipe, plan, facts, dtype))
+    shutil.copy(run.recipe_path, out / RELEASE_RECIPE_FILE)
+    provenance = release_provenance(facts, dtype)
+    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    (out / "README.md").write_text(model_card(recipe, plan, facts, dtype, provenance))
 
 
 def _mirror_legacy_rope_scaling(config_path: Path, plan: RopePlan) -> None:
@@ -188,37 +198,3 @@ def _verify(out: Path, probe: torch.Tensor, reference: torch.Tensor, dtype: DTyp
             f"({report.relative_diff:.2%} of max |logit|, tolerance {report.tolerance:.2%})",
             field="RUN_DIR", fix="nothing was written; report this with the run directory")
     return report
-
-
-def model_card(recipe: Recipe, plan: RopePlan, facts: dict[str, Any], dtype: str) -> str:
-    """README.md of the release: what it is, how it was made, how to load it."""
-    rope_json = json.dumps(plan.rope_parameters)
-    loss = facts.get("final_loss")
-    return f"""---
-base_model: {recipe.model.name}
-tags: [pi-lora, long-context, rope-scaling, {plan.method}]
----
-# {Path(recipe.output_dir).name}
-
-Context window extended from {plan.original_context} to {plan.target_context} tokens
-with **{plan.method}** rope scaling (factor {plan.factor:g}) and a LoRA fine-tune, made with
-pi-lora. LoRA (and the trained extras: {', '.join(recipe.lora.trainable_extras) or 'none'})
-are merged into the weights; the scaling lives in `config.json`, so plain transformers loads it:
-
-```python
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("<this directory>")
-```
-
-| | |
-|---|---|
-| base model | `{recipe.model.name}` |
-| rope | `{rope_json}` |
-| max_position_embeddings | {plan.max_position_embeddings} |
-| LoRA | r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, modules={recipe.lora.target_modules or 'default'} |
-| training | {facts.get('steps')} steps at {recipe.seq_len} tokens, lr {recipe.training.learning_rate:g} |
-| final loss | {loss if loss is None else f'{loss:.4f}'} |
-| release dtype | {dtype} |
-
-The full recipe is in `pi_lora_recipe.yaml`; the merge check in `merge_report.json`.
-"""

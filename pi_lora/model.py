@@ -156,6 +156,22 @@ def quantization_config(model: ModelSection) -> Any:
     )
 
 
+def compute_4bit_as_trained(model: Any) -> int:
+    """Make 4-bit layers compute inference the way they computed in training.
+
+    bitsandbytes (>= 0.49) runs a 4-bit layer in eval mode on a CPU with AVX512-BF16 through
+    a packed kernel that casts the activations to bf16, whatever the compute dtype; training
+    (and any CPU without those units) dequantizes and multiplies in the compute dtype. A check
+    of "the model as trained" must use the training arithmetic. Returns the layers switched.
+    """
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
 def load_model(
     model: ModelSection,
     plan: RopePlan | None,

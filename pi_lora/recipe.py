@@ -7,6 +7,7 @@ a base through `extends:` (deep merge, child wins) and tweak a run with `--set a
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -153,6 +154,34 @@ class Recipe(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def with_absolute_paths(self) -> Recipe:
+        """Local paths made absolute (hub ids and shipped names left alone), so the copy a
+        run directory keeps works from any directory: `pi-lora merge RUN` from elsewhere."""
+        model, data, training = self.model, self.data, self.training
+        updates = {
+            "model": model.model_copy(update={"name": _absolute_if_local(model.name),
+                                              "tokenizer": _absolute_if_local(model.tokenizer)}),
+            "data": data.model_copy(update={
+                "files": [_absolute(f) for f in data.files],
+                "cache_dir": _absolute(data.cache_dir) if data.cache_dir else None,
+                "dataset": data.dataset and data.dataset.model_copy(
+                    update={"name": _absolute_if_local(data.dataset.name)})}),
+            "training": training.model_copy(
+                update={"deepspeed": _absolute_if_local(training.deepspeed)}),
+        }
+        return self.model_copy(update=updates)
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _absolute_if_local(value: str | None) -> str | None:
+    """A path that exists here becomes absolute; anything else (a hub id) is kept."""
+    if value is None or not os.path.exists(os.path.expanduser(value)):
+        return value
+    return _absolute(value)
 
 
 # --------------------------------------------------------------------------- loading

@@ -42,7 +42,11 @@ class RunDir:
     # ------------------------------------------------------------------ train side
 
     def prepare(self, recipe: Recipe, *, resume: bool, overwrite: bool, is_main: bool) -> None:
-        """Refuse to clobber a run by accident; a resume must match the recorded recipe."""
+        """Refuse to clobber a run by accident; a resume must match the recorded recipe.
+
+        The recipe is kept with absolute local paths, so the run works from any directory.
+        """
+        recipe = recipe.with_absolute_paths()
         exists = self.path.exists() and any(self.path.iterdir())
         if exists and resume:
             self._check_same_recipe(recipe)

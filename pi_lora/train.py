@@ -13,12 +13,12 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pi_lora import __version__
 from pi_lora.allocator import tune_cpu_allocator
 from pi_lora.data import PackedCollator, build_train_dataset
 from pi_lora.distributed import (
@@ -36,6 +36,7 @@ from pi_lora.model import (
     load_tokenizer,
     wrap_lora,
 )
+from pi_lora.provenance import IdentityJob, software
 from pi_lora.recipe import Recipe, resolve_deepspeed_config
 from pi_lora.rope import RopePlan, plan_rope
 from pi_lora.rundir import EXTRAS_FILE, RunDir, apply_extras, save_extras
@@ -245,8 +246,7 @@ def training_arguments(recipe: Recipe, run: RunDir,
         weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
         max_grad_norm=t.max_grad_norm, per_device_train_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **_checkpointing_arguments(TrainingArguments, t.gradient_checkpointing),
         bf16=t.precision == "bf16", fp16=t.precision == "fp16", seed=t.seed, data_seed=t.seed,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps, report_to=_report_to(recipe),
@@ -255,6 +255,15 @@ def training_arguments(recipe: Recipe, run: RunDir,
         use_cpu=on_cpu, optim="adamw_torch",
         dataloader_num_workers=0, dataloader_pin_memory=not on_cpu, **extra,
     )
+
+
+def _checkpointing_arguments(arguments_class: type, enabled: bool) -> dict[str, Any]:
+    """transformers renamed gradient_checkpointing to activation_checkpointing (old names
+    warn from 5.2x on, go in v6): use the name this installed version defines."""
+    fields = getattr(arguments_class, "__dataclass_fields__", {})
+    prefix = "activation" if "activation_checkpointing" in fields else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
 def deepspeed_config(recipe: Recipe) -> dict[str, Any] | None:
@@ -308,6 +317,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     tokenizer = load_tokenizer(recipe.model)
     if is_main:  # other ranks would race rank 0's mkdir and see "already exists"
         run.prepare(recipe, resume=resume, overwrite=overwrite, is_main=is_main)
+    identity = IdentityJob(recipe.model, recipe.data, config) if is_main else None
     set_seed(recipe.training.seed)
     built = build_train_dataset(recipe.data, tokenizer, recipe.seq_len, seed=recipe.training.seed)
     # arguments before the model: under ZeRO-3 they make from_pretrained load it sharded
@@ -329,10 +339,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     _save_final(trainer, run)
-    if is_main:
+    if is_main and identity is not None:
+        provenance = {**run.read_facts()["provenance"], **identity.result()}
         run.write_facts({"status": "complete", "final_loss": _last_loss(trainer),
                          "train_loss": result.training_loss, "steps": trainer.state.global_step,
-                         "train_seconds": time.time() - started})
+                         "train_seconds": time.time() - started, "provenance": provenance})
     return run.path
 
 
@@ -384,11 +395,8 @@ def _last_loss(trainer: Any) -> float | None:
 
 def _write_start_facts(run: RunDir, recipe: Recipe, plan: RopePlan, extras: list[str],
                        trainable: int, total: int, built: Any, allocator: str | None) -> None:
-    import transformers
-
     run.write_facts({
-        "pi_lora_version": __version__, "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__, "status": "training",
+        "status": "training", "provenance": {"software": asdict(software())},
         "base_model": recipe.model.name, "rope": plan.to_dict(),
         "extras": [base_parameter_name(n) for n in extras],
         "trainable_parameters": trainable, "total_parameters": total,

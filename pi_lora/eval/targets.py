@@ -20,6 +20,7 @@ from pi_lora.errors import PiLoraError
 from pi_lora.eval.runner import EvalTarget, ModelPair
 from pi_lora.model import load_config, load_model, load_tokenizer
 from pi_lora.recipe import DType, ModelSection
+from pi_lora.release import RELEASE_RECIPE_FILE
 from pi_lora.rope import RopePlan, rope_override
 from pi_lora.rundir import FACTS_FILE, RunDir, apply_extras
 
@@ -84,7 +85,7 @@ def _kind(spec: str) -> str:
     path = Path(spec)
     if (path / FACTS_FILE).is_file():
         return "run"
-    if (path / "pi_lora_recipe.yaml").is_file():
+    if (path / RELEASE_RECIPE_FILE).is_file():
         return "release"
     if path.exists() or spec.endswith(".gguf") or spec.count("/") == 1:
         return "base"
