@@ -78,7 +78,7 @@ def build_random_model(shape: str, out_dir: Path, dtype: str = "fp32", tie: bool
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from pi_lora.model import TORCH_DTYPES
+    from pi_lora.dtypes import TORCH_DTYPES
 
     if (out_dir / "config.json").is_file():
         return out_dir

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from pi_lora.dtypes import TORCH_DTYPES
 from pi_lora.errors import PiLoraError
-from pi_lora.model import TORCH_DTYPES, compute_4bit_as_trained, load_model, load_tokenizer
+from pi_lora.model import compute_4bit_as_trained, load_model, load_tokenizer
 from pi_lora.recipe import DType, Recipe
 from pi_lora.release import (
     MERGE_REPORT_FILE,

@@ -14,13 +14,10 @@ from typing import Any
 
 import torch
 
+from pi_lora.dtypes import TORCH_DTYPES
 from pi_lora.errors import PiLoraError
 from pi_lora.recipe import DType, LoraSection, ModelSection
 from pi_lora.rope import RopePlan, apply_rope
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-}
 
 # LoRA targets per architecture: attention projections, as in the PI paper / LongLoRA
 _ATTENTION_PROJECTIONS: dict[str, list[str]] = {
@@ -109,19 +106,6 @@ def load_tokenizer(model: ModelSection) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX).
-
-    Without it PyTorch's bf16 matmuls fall back to a generic kernel, measured ~8x slower than
-    fp32 on an AVX2 EPYC: bf16 then saves memory but costs time.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def check_runtime(model: ModelSection) -> None:

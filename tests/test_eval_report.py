@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pi_lora import dtypes
 from pi_lora.eval import passkey
 from pi_lora.eval.runner import EvalSettings, EvalTarget, has_stateful_rope, run_eval
 
@@ -131,10 +132,10 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch: pytest.M
     from pi_lora.eval import runner
 
     settings = EvalSettings(perplexity=False, device="cpu")
-    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda: False)
     assert runner.resolve_dtype(settings) == torch.float32  # AVX2: bf16 is ~8x slower
-    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda: True)
     assert runner.resolve_dtype(settings) == torch.bfloat16
     explicit = EvalSettings(perplexity=False, device="cpu", dtype="bf16")
-    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda: False)
     assert runner.resolve_dtype(explicit) == torch.bfloat16  # asked for: honoured

@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator,
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pi_lora.dtypes import auto_dtype, torch_dtype
 from pi_lora.eval import passkey, perplexity, report, texts
 from pi_lora.eval.perplexity import PplMode
-from pi_lora.model import cpu_has_native_bf16
 
 ModelPair = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
@@ -110,11 +110,8 @@ def resolve_dtype(settings: EvalSettings) -> torch.dtype:
     a minutes-long perplexity sweep into hours, so "auto" evaluates in fp32 there.
     """
     if settings.dtype != "auto":
-        return torch.float32 if settings.dtype == "fp32" else torch.bfloat16
-    device = resolve_device(settings)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch_dtype(settings.dtype)
+    return auto_dtype(resolve_device(settings))
 
 
 def has_stateful_rope(model: torch.nn.Module) -> bool:

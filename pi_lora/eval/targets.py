@@ -16,16 +16,15 @@ from typing import Any
 
 import torch
 
+from pi_lora.dtypes import dtype_name
 from pi_lora.errors import PiLoraError
 from pi_lora.eval.runner import EvalTarget, ModelPair
 from pi_lora.model import load_config, load_model, load_tokenizer
-from pi_lora.recipe import DType, ModelSection
+from pi_lora.recipe import ModelSection
 from pi_lora.release import RELEASE_RECIPE_FILE
 from pi_lora.rope import RopePlan, rope_override
 from pi_lora.rundir import FACTS_FILE, RunDir, apply_extras
 
-_DTYPE_NAMES: dict[torch.dtype, DType] = {torch.bfloat16: "bf16", torch.float16: "fp16",
-                                          torch.float32: "fp32"}
 ROPE_METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3")
 
 
@@ -98,7 +97,7 @@ def _short_name(spec: str) -> str:
 
 
 def _model_section(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> ModelSection:
-    return ModelSection(name=spec, dtype=_DTYPE_NAMES[dtype], trust_remote_code=trust_remote_code)
+    return ModelSection(name=spec, dtype=dtype_name(dtype), trust_remote_code=trust_remote_code)
 
 
 def _model_target(spec: str, label: str | None, dtype: torch.dtype, rope: RopeSpec | None,
@@ -133,7 +132,7 @@ def _run_target(spec: str, label: str | None, dtype: torch.dtype) -> EvalTarget:
     run.check_complete()
     recipe = run.load_recipe()
     plan = RopePlan.from_dict(run.read_facts()["rope"])
-    section = recipe.model.model_copy(update={"dtype": _DTYPE_NAMES[dtype]})
+    section = recipe.model.model_copy(update={"dtype": dtype_name(dtype)})
 
     def load() -> ModelPair:
         from peft import PeftModel
