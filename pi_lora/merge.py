@@ -20,7 +20,7 @@ import torch
 
 from pi_lora.dtypes import TORCH_DTYPES
 from pi_lora.errors import PiLoraError
-from pi_lora.model import compute_4bit_as_trained, load_model, load_tokenizer
+from pi_lora.model import load_tokenizer
 from pi_lora.recipe import DType, Recipe
 from pi_lora.release import (
     MERGE_REPORT_FILE,
@@ -30,7 +30,8 @@ from pi_lora.release import (
     release_provenance,
 )
 from pi_lora.rope import RopePlan
-from pi_lora.rundir import RunDir, apply_extras
+from pi_lora.rundir import RunDir, RunFacts
+from pi_lora.trained import load_trained
 
 # max |logit difference| relative to max |logit|, by release dtype (rounding of merged weights)
 RELATIVE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
@@ -62,7 +63,7 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
     run.check_complete()
     recipe = run.load_recipe()
     facts = run.read_facts()
-    plan = RopePlan.from_dict(facts["rope"])
+    plan = facts.rope_plan
     out = Path(output_dir) if output_dir else Path("release") / run.path.resolve().name
     release_dtype: DType = dtype or recipe.model.dtype
     _check_output(out, overwrite)
@@ -86,58 +87,31 @@ def _check_output(out: Path, overwrite: bool) -> None:
                           fix="choose another --output, or pass --overwrite")
 
 
-def _merge_into(tmp: Path, run: RunDir, recipe: Recipe, plan: RopePlan, facts: dict[str, Any],
+def _merge_into(tmp: Path, run: RunDir, recipe: Recipe, plan: RopePlan, facts: RunFacts,
                 release_dtype: DType, probe_tokens: int | None, started: float) -> MergeReport:
-    from peft import PeftModel
-
     work_dtype = _work_dtype(facts, release_dtype)
-    base = _merge_base(recipe, plan, work_dtype)
-    apply_extras(base, run.extras_path)
-    model = PeftModel.from_pretrained(base, str(run.adapter_dir))
-    model.eval()
-    probe = _probe_ids(base.config, plan, probe_tokens)
+    model = load_trained(run, work_dtype, dequantize=True)
+    probe = _probe_ids(model.config, plan, probe_tokens)
     with torch.no_grad():
         reference = model(probe).logits.float()
     merged = model.merge_and_unload(safe_merge=True)
     merged = merged.to(TORCH_DTYPES[release_dtype])
     _save_release(merged, tmp, recipe, plan, facts, release_dtype, run)
-    del merged, model, base
-    quantized = _quantized_logits(recipe, plan, run, probe, work_dtype)
+    del merged, model
+    quantized = _quantized_logits(run, probe, work_dtype) if recipe.model.quantization else None
     return _verify(tmp, probe, reference, release_dtype, started, quantized)
 
 
-def _merge_base(recipe: Recipe, plan: RopePlan, work_dtype: DType) -> Any:
-    """The weights the adapter was trained against, unquantized, in the working dtype.
-
-    A QLoRA adapter corrects the 4/8-bit weights, so it is folded into those weights
-    dequantized (never into the packed ones, and not into the original full-precision
-    weights, which the adapter never saw).
-    """
-    if recipe.model.quantization is None:
-        return load_model(recipe.model, plan, dtype=work_dtype, quantize=False)
-    quantized = load_model(recipe.model, plan, dtype=work_dtype)
-    return quantized.dequantize(dtype=TORCH_DTYPES[work_dtype])
-
-
-def _quantized_logits(recipe: Recipe, plan: RopePlan, run: RunDir, probe: torch.Tensor,
-                      work_dtype: DType) -> torch.Tensor | None:
+def _quantized_logits(run: RunDir, probe: torch.Tensor, work_dtype: DType) -> torch.Tensor:
     """Probe logits of the model as trained (quantized base + extras + adapter)."""
-    if recipe.model.quantization is None:
-        return None
-    from peft import PeftModel
-
-    base = load_model(recipe.model, plan, dtype=work_dtype)
-    compute_4bit_as_trained(base)  # not bf16 activations, which the release never computes
-    apply_extras(base, run.extras_path)
-    model = PeftModel.from_pretrained(base, str(run.adapter_dir))
-    model.eval()
+    model = load_trained(run, work_dtype)
     with torch.no_grad():
         return model(probe).logits.float()
 
 
-def _work_dtype(facts: dict[str, Any], release_dtype: DType) -> DType:
+def _work_dtype(facts: RunFacts, release_dtype: DType) -> DType:
     """Merge in fp32 when it fits in half the RAM: the verification then sees only rounding."""
-    total = int(facts.get("total_parameters") or 0)
+    total = facts.total_parameters
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
@@ -152,7 +126,7 @@ def _probe_ids(config: Any, plan: RopePlan, probe_tokens: int | None) -> torch.T
     return torch.randint(0, config.vocab_size, (1, length), generator=generator)
 
 
-def _save_release(model: Any, out: Path, recipe: Recipe, plan: RopePlan, facts: dict[str, Any],
+def _save_release(model: Any, out: Path, recipe: Recipe, plan: RopePlan, facts: RunFacts,
                   dtype: DType, run: RunDir) -> None:
     model.config.max_position_embeddings = plan.max_position_embeddings
     model.save_pretrained(str(out), safe_serialization=True, max_shard_size="5GB")

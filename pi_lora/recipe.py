@@ -28,7 +28,8 @@ from pi_lora.errors import PiLoraError, RecipeErrors
 DType = Literal["bf16", "fp16", "fp32"]
 RopeMethod = Literal["linear", "ntk", "dynamic", "yarn", "llama3", "none"]
 Extra = Literal["embeddings", "norms", "lm_head"]
-SHIPPED_DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "deepspeed_configs"
+# package data (the repository's top-level deepspeed_configs/ links here), so a wheel has them
+SHIPPED_DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed_configs"
 
 
 class _Section(BaseModel):
@@ -86,6 +87,8 @@ class LoraSection(_Section):
 
 
 class DatasetSource(_Section):
+    """A split of a hub dataset: a recipe's training data, and `pi-lora eval`'s documents."""
+
     name: str
     config: str | None = None
     split: str = "train"

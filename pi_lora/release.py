@@ -15,6 +15,7 @@ from typing import Any
 from pi_lora.provenance import software
 from pi_lora.recipe import Recipe
 from pi_lora.rope import RopePlan
+from pi_lora.rundir import RunFacts
 
 RELEASE_RECIPE_FILE = "pi_lora_recipe.yaml"
 MERGE_REPORT_FILE = "merge_report.json"
@@ -22,10 +23,11 @@ PROVENANCE_FILE = "pi_lora_provenance.json"
 PROVENANCE_FORMAT = 1
 
 
-def release_provenance(facts: dict[str, Any], dtype: str) -> dict[str, Any]:
+def release_provenance(facts: RunFacts, dtype: str) -> dict[str, Any]:
     """The run's provenance (training software, base model, data) plus the merge's own."""
     merge = {**asdict(software()), "release_dtype": dtype}
-    return {"format": PROVENANCE_FORMAT, "train": facts.get("provenance"), "merge": merge,
+    return {"format": PROVENANCE_FORMAT, "train": facts.provenance.model_dump(mode="json"),
+            "merge": merge,
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -55,11 +57,11 @@ def _provenance_table(provenance: dict[str, Any]) -> str:
     return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
-def model_card(recipe: Recipe, plan: RopePlan, facts: dict[str, Any], dtype: str,
+def model_card(recipe: Recipe, plan: RopePlan, facts: RunFacts, dtype: str,
                provenance: dict[str, Any]) -> str:
     """README.md of the release: what it is, how it was made, how to load it."""
     rope_json = json.dumps(plan.rope_parameters)
-    loss = facts.get("final_loss")
+    loss = facts.final_loss
     return f"""---
 base_model: {recipe.model.name}
 tags: [pi-lora, long-context, rope-scaling, {plan.method}]
@@ -82,7 +84,7 @@ model = AutoModelForCausalLM.from_pretrained("<this directory>")
 | rope | `{rope_json}` |
 | max_position_embeddings | {plan.max_position_embeddings} |
 | LoRA | r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, modules={recipe.lora.target_modules or 'default'} |
-| training | {facts.get('steps')} steps at {recipe.seq_len} tokens, lr {recipe.training.learning_rate:g} |
+| training | {facts.steps} steps at {recipe.seq_len} tokens, lr {recipe.training.learning_rate:g} |
 | final loss | {loss if loss is None else f'{loss:.4f}'} |
 | release dtype | {dtype} |
 

@@ -11,12 +11,15 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pi_lora.errors import PiLoraError
+from pi_lora.provenance import DataIdentity, ModelIdentity, Software
 from pi_lora.recipe import Recipe, load_recipe
+from pi_lora.rope import RopePlan
 
 RECIPE_FILE = "recipe.yaml"
 FACTS_FILE = "run.json"
@@ -24,6 +27,52 @@ METRICS_FILE = "metrics.jsonl"
 EXTRAS_FILE = "extras.safetensors"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
+
+
+FACTS_FORMAT = 1  # bump when a field changes meaning; read_facts names the mismatch
+
+
+class RunProvenance(BaseModel):
+    """What made the run (see pi_lora.provenance); model and data arrive when hashed."""
+
+    model_config = ConfigDict(extra="forbid")
+    software: Software | None = None
+    model: ModelIdentity | None = None
+    data: DataIdentity | None = None
+    error: str | None = None  # hashing failed (a file vanished): recorded, not fatal
+
+
+class RunFacts(BaseModel):
+    """run.json: the facts `train` records and `merge` / `eval` read; written whole, atomically.
+
+    Start facts are written once the trainer is built (status "training"); the completion
+    fields when the final adapter is saved (status "complete").
+    """
+
+    model_config = ConfigDict(extra="ignore")  # keys of older formats are dropped, not errors
+    format: int = FACTS_FORMAT
+    status: Literal["training", "complete"]
+    rope: dict[str, Any]
+    extras: list[str]
+    trainable_parameters: int
+    total_parameters: int
+    train_sequences: int
+    train_tokens: int
+    seq_len: int
+    world_size: int
+    data_cache: str
+    epochs_for_max_steps: float
+    cpu_allocator: str | None = None  # None on GPU
+    provenance: RunProvenance = RunProvenance()
+    final_loss: float | None = None
+    train_loss: float | None = None
+    steps: int | None = None
+    train_seconds: float | None = None
+    updated: float = 0.0
+
+    @property
+    def rope_plan(self) -> RopePlan:
+        return RopePlan.from_dict(self.rope)
 
 
 class RunDir:
@@ -88,21 +137,31 @@ class RunDir:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def write_facts(self, facts: dict[str, Any]) -> None:
-        merged = {**self.read_facts(missing_ok=True), **facts, "updated": time.time()}
+    def write_facts(self, facts: RunFacts) -> None:
+        facts = facts.model_copy(update={"updated": time.time(), "format": FACTS_FORMAT})
         tmp = self.facts_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(merged, indent=2, default=str))
+        tmp.write_text(facts.model_dump_json(indent=2))
         tmp.replace(self.facts_path)
 
     # ------------------------------------------------------------------ merge side
 
-    def read_facts(self, *, missing_ok: bool = False) -> dict[str, Any]:
+    def read_facts(self) -> RunFacts:
+        """The typed facts; a missing, unreadable or newer-format run.json is a user error."""
         if not self.facts_path.is_file():
-            if missing_ok:
-                return {}
             raise PiLoraError(f"{self.facts_path} not found", field="RUN_DIR",
                               fix="point at a directory written by `pi-lora train`")
-        return json.loads(self.facts_path.read_text())
+        try:
+            raw = json.loads(self.facts_path.read_text())
+            if int(raw.get("format", FACTS_FORMAT)) > FACTS_FORMAT:
+                raise PiLoraError(
+                    f"{self.facts_path} has format {raw['format']}, newer than this pi-lora "
+                    f"reads ({FACTS_FORMAT})", field="RUN_DIR", fix="upgrade pi-lora")
+            return RunFacts.model_validate(raw)
+        except (json.JSONDecodeError, ValidationError, AttributeError, ValueError) as exc:
+            first = str(exc).splitlines()[0][:200]
+            raise PiLoraError(f"{self.facts_path} is not a pi-lora run record: {first}",
+                              field="RUN_DIR", fix="point at a directory written by `pi-lora train`"
+                              ) from None
 
     def load_recipe(self) -> Recipe:
         if not self.recipe_path.is_file():
@@ -120,7 +179,7 @@ class RunDir:
                 hint = f" (latest checkpoint: {ckpt.name}; finish with --resume)" if ckpt else ""
                 raise PiLoraError(f"{needed} is missing{hint}", field="RUN_DIR",
                                   fix="let `pi-lora train` finish, or resume it")
-        if facts.get("extras") and not self.extras_path.is_file():
+        if facts.extras and not self.extras_path.is_file():
             raise PiLoraError(f"{self.extras_path} is missing", field="RUN_DIR",
                               fix="the run trained extras but did not save them: resume it")
 

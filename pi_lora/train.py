@@ -13,7 +13,6 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from pi_lora.model import (
 from pi_lora.provenance import IdentityJob, software
 from pi_lora.recipe import Recipe, resolve_deepspeed_config
 from pi_lora.rope import RopePlan, plan_rope
-from pi_lora.rundir import EXTRAS_FILE, RunDir, apply_extras, save_extras
+from pi_lora.rundir import EXTRAS_FILE, RunDir, RunFacts, RunProvenance, apply_extras, save_extras
 
 
 def _trainer_base() -> type:
@@ -326,8 +325,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     trainer = _build_trainer(recipe, run, args, model, tokenizer, built.train)
     trainable, total = count_parameters(model)
     if is_main:
-        _write_start_facts(run, recipe, plan, trainer.extras_names, trainable, total, built,
-                           allocator)
+        facts = _start_facts(recipe, plan, trainer.extras_names, trainable, total, built, allocator)
+        run.write_facts(facts)
         mix = recipe.data.short_mix
         lengths = f"{recipe.seq_len}" + (f" ({mix.fraction:.0%} cut to {mix.seq_len})" if mix else "")
         print(f"pi-lora: {recipe.model.name} {plan.method} x{plan.factor:g} "
@@ -340,10 +339,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     _save_final(trainer, run)
     if is_main and identity is not None:
-        provenance = {**run.read_facts()["provenance"], **identity.result()}
-        run.write_facts({"status": "complete", "final_loss": _last_loss(trainer),
-                         "train_loss": result.training_loss, "steps": trainer.state.global_step,
-                         "train_seconds": time.time() - started, "provenance": provenance})
+        provenance = RunProvenance(software=facts.provenance.software, **identity.result())
+        run.write_facts(facts.model_copy(update={
+            "status": "complete", "final_loss": _last_loss(trainer),
+            "train_loss": result.training_loss, "steps": trainer.state.global_step,
+            "train_seconds": time.time() - started, "provenance": provenance}))
     return run.path
 
 
@@ -393,19 +393,15 @@ def _last_loss(trainer: Any) -> float | None:
     return losses[-1] if losses else None
 
 
-def _write_start_facts(run: RunDir, recipe: Recipe, plan: RopePlan, extras: list[str],
-                       trainable: int, total: int, built: Any, allocator: str | None) -> None:
-    run.write_facts({
-        "status": "training", "provenance": {"software": asdict(software())},
-        "base_model": recipe.model.name, "rope": plan.to_dict(),
-        "extras": [base_parameter_name(n) for n in extras],
-        "trainable_parameters": trainable, "total_parameters": total,
-        "train_sequences": len(built.train), "train_tokens": built.tokens,
-        "seq_len": recipe.seq_len, "world_size": _world_size(),
-        "data_cache": str(built.cache_path),
-        "epochs_for_max_steps": _epochs(recipe, len(built.train)),
-        "cpu_allocator": allocator,  # None on GPU
-    })
+def _start_facts(recipe: Recipe, plan: RopePlan, extras: list[str], trainable: int, total: int,
+                 built: Any, allocator: str | None) -> RunFacts:
+    return RunFacts(
+        status="training", provenance=RunProvenance(software=software()), rope=plan.to_dict(),
+        extras=[base_parameter_name(n) for n in extras],
+        trainable_parameters=trainable, total_parameters=total,
+        train_sequences=len(built.train), train_tokens=built.tokens,
+        seq_len=recipe.seq_len, world_size=_world_size(), data_cache=str(built.cache_path),
+        epochs_for_max_steps=_epochs(recipe, len(built.train)), cpu_allocator=allocator)
 
 
 def _epochs(recipe: Recipe, sequences: int) -> float:

@@ -134,7 +134,7 @@ def test_zero3_two_processes_save_what_one_process_saves(zero3_run: Path,
     diff = _assert_same_saved(zero3_run, single_process_run)
     print(f"ZeRO-3 x2 vs single process: max |adapter/extras diff| {diff:.3g}")
     assert _losses(zero3_run) == pytest.approx(_losses(single_process_run), rel=1e-4)
-    assert RunDir(zero3_run).read_facts()["world_size"] == 2
+    assert RunDir(zero3_run).read_facts().world_size == 2
 
 
 def test_zero2_on_two_loopback_nodes(recipes: Any, deepspeed_ops: None,

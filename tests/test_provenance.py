@@ -54,7 +54,7 @@ def test_run_records_code_libraries_command_and_content(relative_run) -> None:
     assert stored["model"]["name"] == str(project / "models" / "tiny")
     assert stored["data"]["files"] == [str(project / "data" / "*.txt")]
 
-    provenance = run.read_facts()["provenance"]
+    provenance = run.read_facts().provenance.model_dump(mode="json")
     made = provenance["software"]
     assert made["command"] == ["pi-lora", *argv]
     assert made["packages"]["transformers"] and made["packages"]["torch"]
@@ -79,7 +79,7 @@ def test_merge_from_another_directory_writes_provenance(relative_run, tmp_path: 
     assert main(["merge", str(run_path), "--output", "release"]) == 0
     release = elsewhere / "release"
     record = json.loads((release / PROVENANCE_FILE).read_text())
-    train_side = RunDir(run_path).read_facts()["provenance"]
+    train_side = RunDir(run_path).read_facts().provenance.model_dump(mode="json")
     assert record["train"] == train_side
     assert record["merge"]["command"][:2] == ["pi-lora", "merge"]
     assert record["merge"]["release_dtype"] == "fp32"

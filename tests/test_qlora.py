@@ -65,7 +65,7 @@ def qlora_run(tiny_models, corpus: Path, tmp_path_factory: pytest.TempPathFactor
                           env=env, capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     run = RunDir(root / "run")
-    assert run.read_facts()["status"] == "complete"
+    assert run.read_facts().status == "complete"
     return run
 
 
@@ -94,12 +94,12 @@ def test_qlora_zero3_trains_merges_reloads(qlora_run: RunDir, tmp_path: Path) ->
 def test_merging_into_the_original_weights_is_caught(qlora_run: RunDir, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The limit above fails a merge that folds the adapter into weights it never saw."""
-    import pi_lora.merge as merge
+    import pi_lora.trained as trained
 
-    def original_weights(recipe: Any, plan: Any, work_dtype: str) -> Any:
-        return merge.load_model(recipe.model, plan, dtype=work_dtype, quantize=False)
+    def original_weights(recipe: Any, plan: Any, dtype: str) -> Any:
+        return trained.load_model(recipe.model, plan, dtype=dtype, quantize=False)
 
-    monkeypatch.setattr(merge, "_merge_base", original_weights)
+    monkeypatch.setattr(trained, "dequantized_base", original_weights)
     report = merge_run(qlora_run.path, tmp_path / "release", dtype="fp32")
     assert report.relative_diff <= report.tolerance  # self-consistent, so only this catches it
     assert report.quantized_max_abs_diff > 100 * QUANTIZED_LIMIT

@@ -32,9 +32,9 @@ def test_train_then_merge_release(family: str, tie: bool, tiny_models, write_rec
     rd = RunDir(run)
     assert (rd.adapter_dir / "adapter_config.json").is_file()
     facts = rd.read_facts()
-    assert facts["status"] == "complete" and facts["rope"]["factor"] == 2.0
-    assert facts["extras"], "embeddings and norms were trained"
-    assert facts["cpu_allocator"].startswith(("glibc mmap threshold", "left alone")), facts
+    assert facts.status == "complete" and facts.rope_plan.factor == 2.0
+    assert facts.extras, "embeddings and norms were trained"
+    assert (facts.cpu_allocator or "").startswith(("glibc mmap threshold", "left alone")), facts
 
     report = merge_run(run, tmp_path / "release")
     assert report.relative_diff <= report.tolerance and report.top1_agreement == 1.0
@@ -56,13 +56,12 @@ def test_merged_logits_equal_base_plus_adapter(tiny_models, write_recipe, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from pi_lora.model import load_model
-    from pi_lora.rope import RopePlan
     from pi_lora.rundir import apply_extras
 
     recipe = load_recipe(write_recipe(tiny_models("llama"), training={"max_steps": 4}))
     run = RunDir(train(recipe))
     merge_run(run.path, tmp_path / "rel")
-    plan = RopePlan.from_dict(run.read_facts()["rope"])
+    plan = run.read_facts().rope_plan
     base = PeftModel.from_pretrained(load_model(recipe.model, plan), str(run.adapter_dir))
     apply_extras(base, run.extras_path)
     release = AutoModelForCausalLM.from_pretrained(str(tmp_path / "rel"))

@@ -25,7 +25,7 @@ from pi_lora.demo.base import BaseSpec, build_base
 from pi_lora.demo.corpus import load_plays, split_plays
 
 SHIPPED_BASE = Path(__file__).parent / "base"
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "demo"  # package data
 TRAINED_CONTEXT = 256  # L of the shipped base
 TARGET_CONTEXT = 4 * TRAINED_CONTEXT
 

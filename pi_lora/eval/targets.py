@@ -23,7 +23,8 @@ from pi_lora.model import load_config, load_model, load_tokenizer
 from pi_lora.recipe import ModelSection
 from pi_lora.release import RELEASE_RECIPE_FILE
 from pi_lora.rope import RopePlan, rope_override
-from pi_lora.rundir import FACTS_FILE, RunDir, apply_extras
+from pi_lora.rundir import FACTS_FILE, RunDir
+from pi_lora.trained import load_trained
 
 ROPE_METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3")
 
@@ -131,15 +132,11 @@ def _run_target(spec: str, label: str | None, dtype: torch.dtype) -> EvalTarget:
     run = RunDir(spec)
     run.check_complete()
     recipe = run.load_recipe()
-    plan = RopePlan.from_dict(run.read_facts()["rope"])
+    plan = run.read_facts().rope_plan
     section = recipe.model.model_copy(update={"dtype": dtype_name(dtype)})
 
     def load() -> ModelPair:
-        from peft import PeftModel
-
-        base = load_model(section, plan)
-        model = PeftModel.from_pretrained(base, str(run.adapter_dir))
-        apply_extras(model, run.extras_path)
+        model = load_trained(run, section.dtype)
         if section.quantization is None:
             model = model.merge_and_unload()
         return model, load_tokenizer(section)
