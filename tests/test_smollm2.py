@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from pi_lora.hub import smollm2_gguf
 from pi_lora.merge import merge_run
 from pi_lora.recipe import load_recipe
-from pi_lora.testing import smollm2_gguf
 from pi_lora.train import train
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import transformers
@@ -18,10 +18,8 @@ import transformers
 from pi_lora.eval import passkey, plots
 from pi_lora.eval.perplexity import PerplexityResult
 from pi_lora.eval.plots import format_length
+from pi_lora.eval.settings import EvalSettings
 from pi_lora.eval.texts import Document
-
-if TYPE_CHECKING:
-    from pi_lora.eval.runner import EvalSettings
 
 REPORT_FORMAT = "pi-lora-eval/1"
 PPL_FIGURE = "ppl_vs_length.png"

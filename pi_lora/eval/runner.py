@@ -14,16 +14,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pi_lora.dtypes import auto_dtype, torch_dtype
 from pi_lora.eval import passkey, perplexity, report, texts
-from pi_lora.eval.perplexity import PplMode
+from pi_lora.eval.settings import EvalSettings
 
 ModelPair = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
@@ -35,65 +34,6 @@ class EvalTarget:
     label: str  # e.g. "base (plain RoPE)", "linear PI x4", "run: llama-16k"
     load: Callable[[], ModelPair]  # returns a model with a clean rotary state on each call
     describe: dict[str, Any] = field(default_factory=dict)  # model path, rope, kind, ...
-
-
-class DatasetSource(BaseModel):
-    """A `datasets` split used as perplexity documents (one row = one document)."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    split: str = "test"
-    field: str = "text"
-    config_name: str | None = None
-    max_documents: PositiveInt | None = 1
-
-
-class EvalSettings(BaseModel):
-    """The whole protocol: every default of `pi-lora eval` lives here, and all of it is
-    written to the report."""
-
-    model_config = ConfigDict(extra="forbid")
-    passkey: bool = True
-    passkey_lengths: list[PositiveInt] = [1024, 2048, 4096, 8192]
-    passkey_depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
-    passkey_trials: PositiveInt = 2  # per (length, depth): 5 depths x 2 = 10 per length (PI)
-    seed: int = 0
-    k_max_threshold: float = Field(0.2, gt=0.0, le=1.0)
-    max_new_tokens: PositiveInt = 12
-    perplexity: bool = True
-    ppl_lengths: list[PositiveInt] = [2048, 4096, 8192]
-    ppl_stride: PositiveInt = 256
-    ppl_mode: PplMode = "sliding"
-    documents: list[Path] = []
-    dataset: DatasetSource | None = None
-    ppl_max_windows: PositiveInt | None = 16  # per length; None = the whole text
-    ppl_max_tokens: PositiveInt | None = None  # scored tokens per length
-    ppl_span_tokens: PositiveInt | None = None  # every length scores the same first N tokens
-    chunk_tokens: PositiveInt = 1024  # lm_head rows per chunk when scoring
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where computed natively
-    device: str = "auto"  # auto: cuda if available, else cpu
-    progress: bool = True
-
-    @field_validator("passkey_lengths", "ppl_lengths")
-    @classmethod
-    def _sorted_unique(cls, lengths: list[int]) -> list[int]:
-        return sorted(set(lengths))
-
-    @field_validator("passkey_depths")
-    @classmethod
-    def _depths_in_range(cls, depths: list[float]) -> list[float]:
-        if any(not 0.0 <= d <= 1.0 for d in depths):
-            raise ValueError(f"depths are fractions of the filler in [0, 1], got {depths}")
-        return sorted(set(depths))
-
-    @model_validator(mode="after")
-    def _perplexity_inputs(self) -> EvalSettings:
-        if self.perplexity and not self.documents and self.dataset is None:
-            raise ValueError("perplexity needs `documents` (text files) or a `dataset` split")
-        sliding = self.perplexity and self.ppl_mode == "sliding"
-        if sliding and self.ppl_stride > min(self.ppl_lengths, default=self.ppl_stride):
-            raise ValueError(f"ppl_stride {self.ppl_stride} exceeds the shortest ppl length")
-        return self
 
 
 def resolve_device(settings: EvalSettings) -> torch.device:
@@ -248,7 +188,8 @@ def gather_documents(settings: EvalSettings) -> list[texts.Document]:
     if settings.dataset is not None:
         source = settings.dataset
         documents += texts.load_dataset_documents(
-            source.name, source.split, source.field, source.config_name, source.max_documents
+            source.name, source.split, settings.dataset_text_field, source.config,
+            settings.dataset_max_documents,
         )
     return documents
 

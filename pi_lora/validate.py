@@ -1,4 +1,4 @@
-"""What a recipe implies (window, factor, rope parameters, trainable size), offline.
+"""`pi-lora validate`: what a recipe implies (window, factor, rope parameters, trainable size), offline.
 
 Used by `pi-lora validate`: it reads the model config when it is local or cached, falls back
 to pi-lora's table of known models, and otherwise says what it could not check.
@@ -7,28 +7,16 @@ to pi-lora's table of known models, and otherwise says what it could not check.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from pi_lora.data import expand_files
 from pi_lora.errors import PiLoraError
-from pi_lora.model import count_parameters, load_config, wrap_lora
+from pi_lora.known_models import config_for_planning
+from pi_lora.model import count_parameters, wrap_lora
 from pi_lora.recipe import Recipe, RopeSection, resolve_deepspeed_config
 from pi_lora.rope import plan_rope
-from pi_lora.shapes import known_config
-
-
-def config_for_planning(recipe: Recipe) -> tuple[Any | None, str]:
-    """(config, where it came from); None when nothing offline describes the model."""
-    table = known_config(recipe.model.name)
-    if table is not None and not Path(recipe.model.name).exists():
-        return table, "pi-lora's table of known models (offline)"
-    try:
-        return load_config(recipe.model), "model config"
-    except PiLoraError as err:
-        return None, f"not available offline ({err.message})"
 
 
 def count_trainable(recipe: Recipe, config: Any) -> tuple[int, int]:
@@ -40,7 +28,8 @@ def count_trainable(recipe: Recipe, config: Any) -> tuple[int, int]:
     return count_parameters(wrap_lora(model, recipe.lora, gradient_checkpointing=False))
 
 
-def describe_recipe(recipe: Recipe) -> str:
+def validate_recipe(recipe: Recipe) -> str:
+    """What `pi-lora validate` prints below the resolved recipe: what follows from it."""
     lines = ["# derived"]
     unchecked: list[str] = []
     config, source = config_for_planning(recipe)

@@ -6,7 +6,12 @@ hub config always wins over this table.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from pi_lora.errors import PiLoraError
+from pi_lora.model import load_config
+from pi_lora.recipe import Recipe
 
 _LLAMA2 = {"model_type": "llama", "vocab_size": 32000, "max_position_embeddings": 4096,
            "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
@@ -51,3 +56,14 @@ def known_config(name: str) -> Any | None:
         return None
     kwargs = dict(entry)
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+def config_for_planning(recipe: Recipe) -> tuple[Any | None, str]:
+    """(config, where it came from); None when nothing offline describes the model."""
+    table = known_config(recipe.model.name)
+    if table is not None and not Path(recipe.model.name).exists():
+        return table, "pi-lora's table of known models (offline)"
+    try:
+        return load_config(recipe.model), "model config"
+    except PiLoraError as err:
+        return None, f"not available offline ({err.message})"

@@ -1,0 +1,78 @@
+"""`EvalSettings`: the whole eval protocol, every default of `pi-lora eval` in one place.
+
+Its own module so that the runner (which measures) and the report (which writes the protocol
+down) both read it without importing each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+from pi_lora.eval.perplexity import PplMode
+from pi_lora.recipe import DatasetSource
+
+
+class EvalSettings(BaseModel):
+    """The whole protocol: every default of `pi-lora eval` lives here, and all of it is
+    written to the report."""
+
+    model_config = ConfigDict(extra="forbid")
+    passkey: bool = True
+    passkey_lengths: list[PositiveInt] = [1024, 2048, 4096, 8192]
+    passkey_depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    passkey_trials: PositiveInt = 2  # per (length, depth): 5 depths x 2 = 10 per length (PI)
+    seed: int = 0
+    k_max_threshold: float = Field(0.2, gt=0.0, le=1.0)
+    max_new_tokens: PositiveInt = 12
+    perplexity: bool = True
+    ppl_lengths: list[PositiveInt] = [2048, 4096, 8192]
+    ppl_stride: PositiveInt = 256
+    ppl_mode: PplMode = "sliding"
+    documents: list[Path] = []
+    # a `datasets` split read as perplexity documents, one row = one document; the same
+    # source type a recipe's `data.dataset` uses, so both name a split the same way
+    dataset: DatasetSource | None = None
+    dataset_text_field: str = "text"
+    dataset_max_documents: PositiveInt | None = 1  # None = every row of the split
+    ppl_max_windows: PositiveInt | None = 16  # per length; None = the whole text
+    ppl_max_tokens: PositiveInt | None = None  # scored tokens per length
+    ppl_span_tokens: PositiveInt | None = None  # every length scores the same first N tokens
+    chunk_tokens: PositiveInt = 1024  # lm_head rows per chunk when scoring
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where computed natively
+    device: str = "auto"  # auto: cuda if available, else cpu
+    progress: bool = True
+
+    @field_validator("passkey_lengths", "ppl_lengths")
+    @classmethod
+    def _sorted_unique(cls, lengths: list[int]) -> list[int]:
+        return sorted(set(lengths))
+
+    @field_validator("passkey_depths")
+    @classmethod
+    def _depths_in_range(cls, depths: list[float]) -> list[float]:
+        if any(not 0.0 <= d <= 1.0 for d in depths):
+            raise ValueError(f"depths are fractions of the filler in [0, 1], got {depths}")
+        return sorted(set(depths))
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_split_named(cls, source: DatasetSource | None) -> DatasetSource | None:
+        # DatasetSource's split defaults to "train" (right for a recipe); scoring perplexity
+        # on a training split by accident would flatter a model, so eval wants it named
+        if source is not None and "split" not in source.model_fields_set:
+            raise ValueError(f"name the split of dataset {source.name} to score (e.g. split: test)")
+        if source is not None and source.revision is not None:
+            raise ValueError("eval reads a dataset at its latest revision; drop `revision`")
+        return source
+
+    @model_validator(mode="after")
+    def _perplexity_inputs(self) -> EvalSettings:
+        if self.perplexity and not self.documents and self.dataset is None:
+            raise ValueError("perplexity needs `documents` (text files) or a `dataset` split")
+        sliding = self.perplexity and self.ppl_mode == "sliding"
+        if sliding and self.ppl_stride > min(self.ppl_lengths, default=self.ppl_stride):
+            raise ValueError(f"ppl_stride {self.ppl_stride} exceeds the shortest ppl length")
+        return self

@@ -1,0 +1,49 @@
+"""The Trainer's jobs: held-out evaluation through the chunked loss (data.validation_sequences
+is read, logged to metrics.jsonl every eval_steps) and constructor configuration."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from pi_lora.recipe import load_recipe
+from pi_lora.rundir import RunDir
+from pi_lora.train import train
+from pi_lora.trained import load_trained
+
+
+def test_validation_sequences_are_evaluated(tiny_models, write_recipe) -> None:
+    path = write_recipe(tiny_models("llama"), data={"validation_sequences": 2},
+                        training={"max_steps": 4, "eval_steps": 2, "save_steps": 4})
+    recipe = load_recipe(path)
+    run = RunDir(train(recipe))
+    records = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(math.isfinite(r["eval_loss"]) for r in evals)
+    assert evals[-1]["eval_ppl"] == math.exp(evals[-1]["eval_loss"])
+
+    # the last eval loss is the plain (full-logit) loss of the final model on the held-out rows
+    import datasets
+
+    held_out = datasets.load_from_disk(str(Path(run.read_facts().data_cache) / "validation"))
+    ids = torch.tensor(held_out["input_ids"])
+    model = load_trained(run)
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids).loss.item()
+    assert abs(evals[-1]["eval_loss"] - expected) < 1e-4 * max(1.0, expected)
+
+
+def test_trainer_is_configured_through_its_constructor() -> None:
+    import inspect
+
+    from pi_lora.trainer import ChunkedLoss, ExtrasCheckpoints, MasterWeightsSave, trainer_class
+
+    cls = trainer_class()
+    assert cls.__mro__[1:4] == (ChunkedLoss, ExtrasCheckpoints, MasterWeightsSave)
+    for mixin, names in ((ChunkedLoss, {"chunk_tokens", "offload_checkpoints"}),
+                         (ExtrasCheckpoints, {"extras_names"})):
+        assert names <= set(inspect.signature(mixin.__init__).parameters)
