@@ -14,6 +14,7 @@ from pi_lora.errors import EXIT_USER_ERROR, PiLoraError
 from pi_lora.launch import LaunchPlan, add_launch_arguments, plan_from_args
 from pi_lora.provenance import remember_command
 from pi_lora.quiet import VERBOSE_ENV, quiet_third_party
+from pi_lora.recipe import SCALING_METHODS
 
 # --------------------------------------------------------------------------- commands
 
@@ -177,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="+", metavar="TARGET",
                    help="run dir, release dir, model dir/hub id/.gguf; LABEL=TARGET to name a row")
     p.add_argument("--rope", action="append", default=[], metavar="METHOD:LEN",
-                   help="zero-shot rope for base models (repeatable): none, linear:16k, "
-                        "dynamic:16k, yarn:16k, ntk:16k, llama3:16k")
+                   help="zero-shot rope for base models (repeatable): none or METHOD:LEN, "
+                        f"METHOD one of {', '.join(SCALING_METHODS)}; e.g. yarn:16k")
     p.add_argument("--out", help="report directory (default: reports/eval-TIMESTAMP)")
     p.add_argument("--passkey-lengths", help="comma list, e.g. 1k,2k,4k,8k")
     p.add_argument("--depths", help="key depths as fractions, e.g. 0,0.25,0.5,0.75,1")

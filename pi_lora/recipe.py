@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -27,6 +27,8 @@ from pi_lora.errors import PiLoraError, RecipeErrors
 
 DType = Literal["bf16", "fp16", "fp32"]
 RopeMethod = Literal["linear", "ntk", "dynamic", "yarn", "llama3", "none"]
+# the methods that extend the window (every RopeMethod but "none"): the one list of them
+SCALING_METHODS: tuple[str, ...] = tuple(m for m in get_args(RopeMethod) if m != "none")
 Extra = Literal["embeddings", "norms", "lm_head"]
 # package data (the repository's top-level deepspeed_configs/ links here), so a wheel has them
 SHIPPED_DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed_configs"

@@ -23,6 +23,11 @@ PROVENANCE_FILE = "pi_lora_provenance.json"
 PROVENANCE_FORMAT = 1
 
 
+def is_release(path: str | Path) -> bool:
+    """The release marker: the recipe copy `pi-lora merge` writes into every release."""
+    return (Path(path) / RELEASE_RECIPE_FILE).is_file()
+
+
 def release_provenance(facts: RunFacts, dtype: str) -> dict[str, Any]:
     """The run's provenance (training software, base model, data) plus the merge's own."""
     merge = {**asdict(software()), "release_dtype": dtype}

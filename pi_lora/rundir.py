@@ -81,6 +81,11 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
+    @staticmethod
+    def is_run(path: str | Path) -> bool:
+        """The run marker: a run.json next to the recipe, as `pi-lora train` writes them."""
+        return (Path(path) / FACTS_FILE).is_file() and (Path(path) / RECIPE_FILE).is_file()
+
     recipe_path = property(lambda self: self.path / RECIPE_FILE)
     facts_path = property(lambda self: self.path / FACTS_FILE)
     metrics_path = property(lambda self: self.path / METRICS_FILE)

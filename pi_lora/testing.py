@@ -76,7 +76,9 @@ def make_tokenizer(vocab_size: int = 384) -> Any:
 
 
 def tiny_config(family: str = "llama", *, vocab_size: int = 384, max_positions: int = 128,
-                rope_parameters: dict[str, Any] | None = None) -> Any:
+                rope_parameters: dict[str, Any] | None = None, **overrides: Any) -> Any:
+    """The one tiny random config of `family` every test builds on; `overrides` change fields
+    (e.g. hidden_size=32, tie_word_embeddings=True) where a test needs another shape."""
     from transformers import AutoConfig
 
     kwargs: dict[str, Any] = {
@@ -89,7 +91,7 @@ def tiny_config(family: str = "llama", *, vocab_size: int = 384, max_positions: 
         kwargs.pop("num_key_value_heads")
     if rope_parameters is not None:
         kwargs["rope_parameters"] = rope_parameters
-    return AutoConfig.for_model(family, **kwargs)
+    return AutoConfig.for_model(family, **{**kwargs, **overrides})
 
 
 def make_tiny_model(out_dir: Path, family: str = "llama", *, max_positions: int = 128,

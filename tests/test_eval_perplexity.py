@@ -9,21 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from pi_lora.eval import perplexity
 from pi_lora.eval.perplexity import WindowSpec
+from pi_lora.testing import tiny_config
 
 VOCAB = 128
 
 
 def tiny_llama(tied: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-        tie_word_embeddings=tied,
-    )
+    config = tiny_config("llama", vocab_size=VOCAB, max_positions=64, hidden_size=32,
+                         intermediate_size=64, tie_word_embeddings=tied)
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config).eval()
 

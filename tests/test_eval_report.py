@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pi_lora import dtypes
 from pi_lora.eval import passkey
 from pi_lora.eval.runner import EvalTarget, has_stateful_rope, run_eval
 from pi_lora.eval.settings import EvalSettings
+from pi_lora.testing import tiny_config
 
 TEXT = " ".join([passkey.INSTRUCTION, passkey.FILLER * 4, passkey.QUESTION, "0123456789"])
 
@@ -37,12 +38,11 @@ def make_target(label: str, rope_parameters: dict, loads: list[str]) -> EvalTarg
     def load() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
         loads.append(label)
         torch.manual_seed(0)
-        config = LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=128,
-            rope_parameters={"rope_theta": 10000.0, **rope_parameters},
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        config = tiny_config("llama", vocab_size=len(tokenizer), max_positions=128,
+                             rope_parameters={"rope_theta": 10000.0, **rope_parameters},
+                             hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1,
+                             eos_token_id=tokenizer.eos_token_id)
         return LlamaForCausalLM(config).eval(), tokenizer
 
     return EvalTarget(label, load, {"kind": "base", "rope": rope_parameters})
@@ -140,3 +140,30 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch: pytest.M
     explicit = EvalSettings(perplexity=False, device="cpu", dtype="bf16")
     monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda: False)
     assert runner.resolve_dtype(explicit) == torch.bfloat16  # asked for: honoured
+
+
+def test_eval_dataset_is_the_recipe_source_with_a_named_split(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    """One DatasetSource for recipes and eval; eval refuses a split it would have to guess
+    (the recipe default "train" would flatter a model) and passes the revision on."""
+    from pi_lora.eval import texts
+    from pi_lora.recipe import DatasetSource
+
+    with pytest.raises(ValueError, match="name the split"):
+        EvalSettings(passkey=False, dataset={"name": "org/corpus"})
+    settings = EvalSettings(passkey=False, dataset={"name": "org/corpus", "split": "test",
+                                                    "revision": "abc123"})
+    assert isinstance(settings.dataset, DatasetSource)
+
+    import datasets
+
+    seen: dict = {}
+
+    def fake_load(name: str, config: str | None, split: str, revision: str | None):
+        seen.update(name=name, config=config, split=split, revision=revision)
+        return datasets.Dataset.from_dict({"text": ["one document", "two"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    documents = texts.load_dataset_documents(settings.dataset, "text", 1)
+    assert seen == {"name": "org/corpus", "config": None, "split": "test", "revision": "abc123"}
+    assert [d.text for d in documents] == ["one document"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from pi_lora.loss import causal_lm_loss, chunked_lm_loss
+from pi_lora.testing import tiny_config
 
 VOCAB = 512
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -15,16 +16,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 def tiny_llama(tied: bool = False, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        tie_word_embeddings=tied,
-    )
+    config = tiny_config("llama", vocab_size=VOCAB, max_positions=256, tie_word_embeddings=tied)
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config).to(dtype)
 

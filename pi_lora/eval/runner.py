@@ -186,11 +186,8 @@ def gather_documents(settings: EvalSettings) -> list[texts.Document]:
     """Local files first, then the dataset split if one is configured."""
     documents = texts.load_documents(settings.documents)
     if settings.dataset is not None:
-        source = settings.dataset
         documents += texts.load_dataset_documents(
-            source.name, source.split, settings.dataset_text_field, source.config,
-            settings.dataset_max_documents,
-        )
+            settings.dataset, settings.dataset_text_field, settings.dataset_max_documents)
     return documents
 
 

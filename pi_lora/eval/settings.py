@@ -64,8 +64,6 @@ class EvalSettings(BaseModel):
         # on a training split by accident would flatter a model, so eval wants it named
         if source is not None and "split" not in source.model_fields_set:
             raise ValueError(f"name the split of dataset {source.name} to score (e.g. split: test)")
-        if source is not None and source.revision is not None:
-            raise ValueError("eval reads a dataset at its latest revision; drop `revision`")
         return source
 
     @model_validator(mode="after")

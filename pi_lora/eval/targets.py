@@ -20,13 +20,11 @@ from pi_lora.dtypes import dtype_name
 from pi_lora.errors import PiLoraError
 from pi_lora.eval.runner import EvalTarget, ModelPair
 from pi_lora.model import load_config, load_model, load_tokenizer
-from pi_lora.recipe import ModelSection
-from pi_lora.release import RELEASE_RECIPE_FILE
+from pi_lora.recipe import SCALING_METHODS, ModelSection
+from pi_lora.release import is_release
 from pi_lora.rope import RopePlan, rope_override
-from pi_lora.rundir import FACTS_FILE, RunDir
+from pi_lora.rundir import RunDir
 from pi_lora.trained import load_trained
-
-ROPE_METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3")
 
 
 @dataclass(frozen=True)
@@ -41,9 +39,9 @@ class RopeSpec:
         if text in ("none", "plain"):
             return cls("none", None)
         method, _, length = text.partition(":")
-        if method not in ROPE_METHODS or not length:
+        if method not in SCALING_METHODS or not length:
             raise PiLoraError(f"--rope {text!r} is not METHOD:LENGTH", field="--rope",
-                              fix=f"e.g. --rope linear:16384; methods: none, {', '.join(ROPE_METHODS)}")
+                              fix=f"e.g. --rope linear:16384; methods: none, {', '.join(SCALING_METHODS)}")
         return cls(method, parse_length(length, "--rope"))
 
 
@@ -83,9 +81,9 @@ def _split_label(raw: str) -> tuple[str | None, str]:
 
 def _kind(spec: str) -> str:
     path = Path(spec)
-    if (path / FACTS_FILE).is_file():
+    if RunDir.is_run(path):
         return "run"
-    if (path / RELEASE_RECIPE_FILE).is_file():
+    if is_release(path):
         return "release"
     if path.exists() or spec.endswith(".gguf") or spec.count("/") == 1:
         return "base"

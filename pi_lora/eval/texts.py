@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pi_lora.errors import PiLoraError
+from pi_lora.recipe import DatasetSource
 
 TEXT_SUFFIXES = (".txt", ".md")
 KJV_MODULE = "engKJV2006eb"  # module name inside Debian's sword-text-kjv
@@ -54,25 +55,20 @@ def load_documents(paths: Sequence[Path]) -> list[Document]:
     return documents
 
 
-def load_dataset_documents(
-    name: str,
-    split: str,
-    text_field: str = "text",
-    config_name: str | None = None,
-    max_documents: int | None = None,
-) -> list[Document]:
+def load_dataset_documents(source: DatasetSource, text_field: str = "text",
+                           max_documents: int | None = None) -> list[Document]:
     """Rows of a `datasets` split as documents (only when the user asks for one)."""
     import datasets  # heavy; only needed for this option
 
-    rows = datasets.load_dataset(name, config_name, split=split)
+    rows = datasets.load_dataset(source.name, source.config, split=source.split,
+                                 revision=source.revision)
     if text_field not in rows.column_names:
         raise PiLoraError(
-            f"dataset {name} has no column {text_field!r} (columns: {rows.column_names})",
-            field="dataset.field",
-        )
+            f"dataset {source.name} has no column {text_field!r} (columns: {rows.column_names})",
+            field="dataset_text_field", fix="name the text column")
     count = len(rows) if max_documents is None else min(max_documents, len(rows))
-    source = f"{name}:{config_name or ''}:{split}"
-    return [Document(f"{source}#{i}", rows[i][text_field], source) for i in range(count)]
+    label = f"{source.name}:{source.config or ''}:{source.split}"
+    return [Document(f"{label}#{i}", rows[i][text_field], label) for i in range(count)]
 
 
 def find_kjv_module(search_dirs: Sequence[Path] = SWORD_DIRS) -> Path:
