@@ -2,9 +2,10 @@
 
     python benchmarks/bench_train_step.py --model smollm2 --lengths 1024,4096,8192
 
-Each (setting, length) runs in a fresh worker process (`--worker`), so the peak memory of one
-run (ru_maxrss on CPU, max_memory_allocated on CUDA) cannot leak into the next; the settings
-alternate. The parent prints a markdown table with the ratios pi-lora / baseline.
+Each (setting, length) runs in a fresh worker process (`--worker`, started and read through
+pi_lora.plan.harness), so the peak memory of one run (the worker's own VmHWM on CPU,
+max_memory_allocated on CUDA) cannot leak into the next; the settings alternate. The parent
+prints a markdown table with the ratios pi-lora / baseline.
 
 baseline  model(input_ids, labels=labels).loss.backward(), gradient checkpointing, sdpa.
 pi-lora   causal_lm_loss (chunked head + cross-entropy, no logits), checkpointing that keeps
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,9 +30,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from pi_lora.plan import harness
+
 SETTINGS = ("baseline", "pi-lora")
-RESULT_PREFIX = "RESULT "
 # glibc: a fixed mmap threshold sends every block >= 64 KiB to mmap, so a freed activation
 # goes back to the OS at once instead of staying in a fragmented arena (the dynamic default
 # threshold climbs to 32 MiB after the first large free). Trimming keeps the heap top small.
@@ -118,8 +118,10 @@ def run_worker(args: argparse.Namespace) -> StepResult:
     """Load, wrap, run warmup + timed steps; everything a fresh process measures."""
     import torch
 
+    from pi_lora.dtypes import torch_dtype
+
     torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = harness.default_device()
     if device == "cpu" and args.allocator_used == "pi-lora":
         from pi_lora.allocator import tune_cpu_allocator
 
@@ -127,11 +129,11 @@ def run_worker(args: argparse.Namespace) -> StepResult:
     if args.mem_limit_gb is not None:
         _limit_memory(args.mem_limit_gb, device)
     cache_dir = None if args.no_cache else args.cache_dir
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     model = prepare_model(
         args.model, args.setting, args.seq_len, device, args.s2_attn, cache_dir, dtype
     )
-    load_peak = _peak_bytes(device)
+    load_peak = harness.peak_bytes(device)  # no reset: the reported peak includes the load
     input_ids = _tokens(model.config.vocab_size, args.seq_len, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss = float("nan")
@@ -171,28 +173,30 @@ def prepare_model(
 
 
 def load_model(name: str, seq_len: int, device: str, cache_dir: Path | None, dtype):
-    """The real SmolLM2 (GGUF package, or its bf16 copy in cache_dir), or random Llama shapes.
+    """The real SmolLM2 (GGUF package, or its bf16 copy in cache_dir), or random Llama shapes
+    (tiny: harness.SHAPES' with a 1024-token vocabulary; llama2-7b: pi_lora.known_models' config).
 
     Created directly in `dtype`: with bf16 no fp32 copy of the weights exists at any point.
     """
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     if name == "smollm2":
         local = {"dtype": dtype, "attn_implementation": "sdpa"}
         if cache_dir is None:
-            from pi_lora.testing import SMOLLM2_GGUF_FILE
+            from pi_lora.hub import SMOLLM2_GGUF_FILE
 
             local["gguf_file"] = SMOLLM2_GGUF_FILE
         source = _smollm2_dir() if cache_dir is None else str(smollm2_cache(cache_dir))
         return AutoModelForCausalLM.from_pretrained(source, **local).to(device)
+    positions = max(4096, seq_len)
     if name == "tiny":
-        shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
-        shape |= {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024}
+        config = harness.llama_config("tiny", vocab_size=1024, max_position_embeddings=positions)
     else:  # llama2-7b
-        shape = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32}
-        shape |= {"num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
-    config = LlamaConfig(**shape, max_position_embeddings=max(4096, seq_len))
+        from pi_lora.known_models import known_config
+
+        config = known_config("meta-llama/Llama-2-7b-hf")
+        config.max_position_embeddings = positions
     torch.manual_seed(0)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -211,7 +215,7 @@ def convert_smollm2(cache_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pi_lora.testing import SMOLLM2_GGUF_FILE
+    from pi_lora.hub import SMOLLM2_GGUF_FILE
 
     target = smollm2_cache(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(
@@ -225,7 +229,7 @@ def convert_smollm2(cache_dir: Path) -> None:
 
 
 def _smollm2_dir() -> str:
-    from pi_lora.testing import smollm2_gguf
+    from pi_lora.hub import smollm2_gguf
 
     gguf = smollm2_gguf()
     if gguf is None:
@@ -262,14 +266,6 @@ def _now(device: str) -> float:
     return time.perf_counter()
 
 
-def _peak_bytes(device: str) -> int:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _limit_memory(limit_gb: float, device: str) -> None:
     """Enforce the cap: CUDA through the caching allocator, CPU through an RSS watchdog."""
     limit = int(limit_gb * 2**30)
@@ -285,18 +281,16 @@ def _limit_memory(limit_gb: float, device: str) -> None:
 
 
 def _rss_watchdog(limit: int) -> None:
-    page = os.sysconf("SC_PAGE_SIZE")
     while True:
-        with open("/proc/self/statm") as statm:
-            rss = int(statm.read().split()[1]) * page
+        rss = harness.current_bytes("cpu")
         if rss > limit:
-            print(f"{RESULT_PREFIX}{json.dumps({'status': 'over_limit', 'rss': rss})}", flush=True)
+            harness.print_result({"status": "over_limit", "rss": rss})
             os._exit(3)
         time.sleep(0.02)
 
 
 def _result(args, model, device: str, seconds: float, load_peak: int, loss: float) -> StepResult:
-    peak = _peak_bytes(device)
+    peak = harness.peak_bytes(device)
     over = args.mem_limit_gb is not None and peak > args.mem_limit_gb * 2**30
     flops = step_flops(model, args.seq_len)
     return StepResult(
@@ -375,7 +369,7 @@ def spawn_worker(args: argparse.Namespace, setting: str, seq_len: int) -> dict:
 
 def start_worker(args: argparse.Namespace, setting: str, seq_len: int) -> subprocess.Popen:
     allocator, extra_env = allocator_env(args.allocator if setting == "pi-lora" else "glibc")
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--setting", setting]
+    command = [str(Path(__file__).resolve()), "--worker", "--setting", setting]
     command += ["--seq-len", str(seq_len), "--model", args.model, "--threads", str(args.threads)]
     command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--dtype", args.dtype]
     command += ["--chunk-tokens", str(args.chunk_tokens), "--allocator-used", allocator]
@@ -384,32 +378,18 @@ def start_worker(args: argparse.Namespace, setting: str, seq_len: int) -> subpro
         command.append("--s2-attn")
     if args.mem_limit_gb is not None:
         command += ["--mem-limit-gb", str(args.mem_limit_gb)]
-    env = os.environ | extra_env | {"PYTHONPATH": _pythonpath()}
-    pipe = subprocess.PIPE
-    return subprocess.Popen(command, env=env, stdout=pipe, stderr=pipe, text=True)
+    return harness.start_worker(command, harness.worker_env(args.threads, extra_env))
 
 
 def finish_worker(process: subprocess.Popen, setting: str, seq_len: int) -> dict:
-    stdout, stderr = process.communicate()
-    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    result = _parse_worker_output(done, setting, seq_len)
+    done = harness.finish_worker(process)
+    result = done.result
+    if result is None and done.killed:  # most likely by the OOM killer
+        result = {"status": "killed", "setting": setting, "seq_len": seq_len}
+    if result is None:
+        raise done.failure(f"{setting} @ {seq_len}")
     print(f"# {setting} @ {seq_len}: {_short(result)}", file=sys.stderr, flush=True)
     return result
-
-
-def _pythonpath() -> str:
-    existing = os.environ.get("PYTHONPATH")
-    return str(REPO_ROOT) if not existing else f"{REPO_ROOT}{os.pathsep}{existing}"
-
-
-def _parse_worker_output(done: subprocess.CompletedProcess, setting: str, seq_len: int) -> dict:
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if lines:
-        return json.loads(lines[-1][len(RESULT_PREFIX) :])
-    if done.returncode < 0 or done.returncode == 137:  # killed, most likely by the OOM killer
-        return {"status": "killed", "setting": setting, "seq_len": seq_len}
-    tail = "\n".join(done.stderr.splitlines()[-20:])
-    raise RuntimeError(f"worker {setting} @ {seq_len} failed ({done.returncode}):\n{tail}")
 
 
 def run_lengths(args: argparse.Namespace, lengths: list[int]) -> list[dict]:
@@ -524,7 +504,8 @@ def describe_run(args: argparse.Namespace, rows: list[dict]) -> str:
         f"pi-lora: chunked loss ({args.chunk_tokens} tokens), S2-Attn "
         f"{'on' if args.s2_attn else 'off'}, CPU allocator: {pi_allocator}; "
         "baseline allocator: glibc (default)",
-        "peak = ru_maxrss of the worker (load included) on CPU, max_memory_allocated on CUDA",
+        "peak = the worker's own peak RSS (VmHWM, load included) on CPU, max_memory_allocated "
+        "on CUDA",
     ]
     if any(row.get("mfu") is not None for row in rows):
         lines.append(FLOPS_FORMULA)
@@ -540,26 +521,14 @@ def _prepare_cache(args: argparse.Namespace) -> None:
     subprocess.run(command, check=True)
 
 
-def _auto_dtype() -> str:
-    """The dtype `pi-lora eval --dtype auto` picks on this machine (its own resolver)."""
-    import torch
-
-    from pi_lora.eval.runner import EvalSettings, resolve_dtype
-
-    auto = EvalSettings(perplexity=False)  # dtype and device "auto"
-    return "bf16" if resolve_dtype(auto) == torch.bfloat16 else "fp32"
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    sys.path.insert(0, str(REPO_ROOT))
-    if args.dtype == "auto":
-        args.dtype = _auto_dtype()
+    args.dtype = harness.resolve_dtype(args.dtype)  # auto: pi_lora.dtypes.auto_dtype's choice
     if args.convert:
         convert_smollm2(args.cache_dir)
         return
     if args.worker:
-        print(RESULT_PREFIX + json.dumps(asdict(run_worker(args))), flush=True)
+        harness.print_result(asdict(run_worker(args)))
         return
     _prepare_cache(args)
     lengths = [int(text) for text in args.lengths.split(",") if text]

@@ -178,7 +178,7 @@ def _is_main() -> bool:
 def build_training_model(recipe: Recipe, plan: RopePlan, device_map: Any = None) -> Any:
     """Base with the rope plan + LoRA (+ S2-Attn): the model every training step runs.
 
-    Shared with benchmarks/measure_memory.py so the plan is validated on this very model.
+    Shared with pi_lora.plan.validation so the plan is validated on this very model.
     """
     model = load_model(recipe.model, plan, device_map=device_map)
     # a KV cache in training would also disable transformers' packed-sequence masking

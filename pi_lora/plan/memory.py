@@ -33,7 +33,7 @@ NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # absmax quantized to 8 
 INT8_BYTES = 1 + 4 / 4096  # LLM.int8: one fp32 scale per row (rows are >= 4096 wide)
 ZERO3_LIVE_LAYERS = 2  # gathered by ZeRO-3 at once: the running layer + the prefetched one
 
-# --- CPU constants, calibrated on this repository's measurements (benchmarks/measure_memory.py)
+# --- CPU constants, calibrated on this repository's measurements (pi_lora.plan.validation)
 # Resident set of a process that has imported torch, transformers, peft and pi-lora and built
 # a 2-layer tiny model: measured 455-462 MiB (torch 2.13 CPU, transformers 5.23) across runs.
 CPU_RUNTIME_BYTES = 460 * 2**20
