@@ -188,7 +188,7 @@ def test_checkpoint_offload_routes_layer_inputs_through_saved_tensor_hooks() -> 
     from transformers import AutoModelForCausalLM
 
     from pi_lora.testing import tiny_config
-    from pi_lora.train import checkpoint_offload
+    from pi_lora.trainer import checkpoint_offload
 
     torch.manual_seed(0)
     config = tiny_config("llama")
