@@ -1,9 +1,10 @@
-"""Datasets -> tokenized, packed training sequences, cached on disk.
+"""Datasets -> tokenized, packed training sequences, cached on disk as Arrow (see packing.py).
 
 Pretrain mode follows the PI paper: documents are tokenized, joined with EOS and cut into
-blocks of the training length, so every token trains at long range. Chat mode packs whole
-conversations into blocks without padding; position ids restart at each conversation, which
-transformers turns into a block-diagonal causal mask, so samples never attend to each other.
+blocks of the training length, so every token trains at long range. Chat and instruction
+modes pack whole conversations into blocks without padding; position ids restart at each
+conversation, which transformers turns into a block-diagonal causal mask, so samples never
+attend to each other.
 """
 
 from __future__ import annotations
@@ -11,24 +12,26 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import itertools
 import json
 import os
-import random
-from collections.abc import Iterator
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pi_lora import packing
 from pi_lora.digest import cache_root, file_sha256
 from pi_lora.errors import PiLoraError
+from pi_lora.packing import ConversationCounts
 from pi_lora.recipe import DataSection
 
 IGNORE_INDEX = -100
 _BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json",
              ".parquet": "parquet"}
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 def default_cache_dir() -> Path:
@@ -85,98 +88,6 @@ def _require_column(raw: Any, column: str, field: str) -> None:
                           field=field, fix=f"set {field} to one of {raw.column_names}")
 
 
-# --------------------------------------------------------------------------- tokenizing
-
-
-def _text_token_stream(raw: Any, tokenizer: Any, field: str, max_tokens: int | None,
-                       ) -> Iterator[int]:
-    """Tokens of all documents, each ending in EOS (BOS as the tokenizer adds it)."""
-    emitted = 0
-    for record in raw:
-        text = record[field]
-        if not text:
-            continue
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-        for token in ids:
-            yield token
-            emitted += 1
-            if max_tokens and emitted >= max_tokens:
-                return
-
-
-def pack_pretrain(stream: Iterator[int], seq_len: int) -> list[list[int]]:
-    """Cut the token stream into full blocks; the ragged tail is dropped (PI paper setup)."""
-    blocks, current = [], []
-    for token in stream:
-        current.append(token)
-        if len(current) == seq_len:
-            blocks.append(current)
-            current = []
-    return blocks
-
-
-def split_for_short_mix(blocks: list[list[int]], short_len: int, fraction: float,
-                        seed: int) -> list[list[int]]:
-    """Cut some long blocks into short ones so `fraction` of sequences are short.
-
-    With n blocks of which k are split into m = seq_len // short_len pieces, the short
-    share is k*m / (n - k + k*m); solving for k gives the number of blocks to split.
-    """
-    if not blocks:
-        return blocks
-    pieces = len(blocks[0]) // short_len
-    n = len(blocks)
-    k = round(fraction * n / (pieces - fraction * pieces + fraction))
-    rng = random.Random(seed)
-    chosen = set(rng.sample(range(n), min(k, n)))
-    out: list[list[int]] = []
-    for i, block in enumerate(blocks):
-        if i in chosen:
-            out += [block[j * short_len:(j + 1) * short_len] for j in range(pieces)]
-        else:
-            out.append(block)
-    rng.shuffle(out)
-    return out
-
-
-def _chat_example(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with loss only on assistant turns."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True,
-                                               tokenize=True, return_dict=False)
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=False)
-        prompt_ids, full_ids = list(prompt), list(full)
-        new_prompt = prompt_ids[len(input_ids):]
-        answer = full_ids[len(prompt_ids):]
-        input_ids += new_prompt + answer
-        labels += [IGNORE_INDEX] * len(new_prompt) + answer
-    return input_ids, labels
-
-
-def pack_chat(examples: list[tuple[list[int], list[int]]], seq_len: int) -> list[dict[str, list]]:
-    """First-fit packing of whole conversations; position ids restart per conversation."""
-    packs: list[dict[str, list]] = []
-    current: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
-    for ids, labels in examples:
-        ids, labels = ids[:seq_len], labels[:seq_len]
-        if len(current["input_ids"]) + len(ids) > seq_len and current["input_ids"]:
-            packs.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += ids
-        # the first token of a conversation must not be predicted from the previous one
-        current["labels"] += [IGNORE_INDEX, *labels[1:]]
-        current["position_ids"] += list(range(len(ids)))
-    if current["input_ids"]:
-        packs.append(current)
-    return packs
-
-
 # --------------------------------------------------------------------------- building + cache
 
 
@@ -184,8 +95,14 @@ def pack_chat(examples: list[tuple[list[int], list[int]]], seq_len: int) -> list
 class BuiltData:
     train: Any
     validation: Any | None
-    tokens: int
+    tokens: int  # real (non-pad) tokens in train
     cache_path: Path
+    conversations: ConversationCounts | None = None  # chat/instruction: what seq_len cut
+
+    @property
+    def tokens_per_sequence(self) -> float:
+        """Mean real tokens per training row: what tokens/s counts (not seq_len x batch)."""
+        return self.tokens / max(len(self.train), 1)
 
 
 def _fingerprint(data: DataSection, tokenizer: Any, seq_len: int, seed: int) -> str:
@@ -196,80 +113,132 @@ def _fingerprint(data: DataSection, tokenizer: Any, seq_len: int, seed: int) -> 
     else:
         sources = data.dataset.model_dump() if data.dataset else None
     key = {"v": CACHE_VERSION, "sources": sources, "seq_len": seq_len, "seed": seed,
-           "data": data.model_dump(exclude={"files", "cache_dir"}),
+           "data": data.model_dump(exclude={"files", "cache_dir", "num_proc"}),
            "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id,
-                         tokenizer.bos_token_id]}
+                         tokenizer.bos_token_id, tokenizer.chat_template]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _tokenize(data: DataSection, tokenizer: Any, seq_len: int, seed: int) -> list[dict[str, list]]:
+def _sequences(data: DataSection, tokenizer: Any, seq_len: int, seed: int,
+               work: Path) -> tuple[Any, ConversationCounts | None]:
+    """Packed rows (Arrow, cached in `work`) and, for conversations, what fitting cost."""
     raw = load_raw(data)
+    num_proc = packing.auto_num_proc(len(raw), data.num_proc)
     if data.format == "pretrain":
         _require_column(raw, data.text_field, "data.text_field")
-        stream = _text_token_stream(raw, tokenizer, data.text_field, data.max_tokens)
-        blocks = pack_pretrain(stream, seq_len)
+        tokens = packing.tokenize_documents(raw, tokenizer, data.text_field, num_proc,
+                                            str(work / "tokens.arrow"))
+        blocks = packing.pack_wrapped(tokens, seq_len, data.max_tokens, str(work / "packed.arrow"))
         if data.short_mix:
-            blocks = split_for_short_mix(blocks, data.short_mix.seq_len, data.short_mix.fraction,
-                                         seed)
-        return [{"input_ids": b, "labels": b} for b in blocks]
-    _require_column(raw, data.messages_field, "data.messages_field")
+            blocks = packing.split_for_short_mix(blocks, data.short_mix.seq_len,
+                                                 data.short_mix.fraction, seed)
+        return blocks, None
     if tokenizer.chat_template is None:
         raise PiLoraError("the tokenizer has no chat template", field="data.format",
                           fix="use format: pretrain, or a model/tokenizer with a chat template")
-    examples = [_chat_example(r[data.messages_field], tokenizer) for r in raw]
-    return pack_chat([e for e in examples if any(t != IGNORE_INDEX for t in e[1])], seq_len)
+    columns, to_messages = _conversation_reader(data, raw)
+    tokens = packing.tokenize_conversations(raw, tokenizer, to_messages, columns, num_proc,
+                                            str(work / "tokens.arrow"))
+    fitting, counts = packing.fit_conversations(tokens, seq_len)
+    return packing.pack_conversations(fitting, seq_len, str(work / "packed.arrow")), counts
+
+
+def _conversation_reader(data: DataSection, raw: Any) -> tuple[list[str], Any]:
+    """The columns a conversation is read from and how they become chat messages."""
+    if data.format == "chat":
+        _require_column(raw, data.messages_field, "data.messages_field")
+        return [data.messages_field], lambda messages: messages
+    fields = data.instruction_fields
+    _require_column(raw, fields.instruction, "data.instruction_fields.instruction")
+    _require_column(raw, fields.output, "data.instruction_fields.output")
+    if fields.input in raw.column_names:
+        return [fields.instruction, fields.input, fields.output], packing.alpaca_messages
+    return ([fields.instruction, fields.output],
+            lambda instruction, output: packing.alpaca_messages(instruction, None, output))
 
 
 def build_train_dataset(data: DataSection, tokenizer: Any, seq_len: int, *, seed: int,
                         cache_dir: Path | None = None) -> BuiltData:
-    """Tokenized sequences, built once per (sources, tokenizer, settings) and reused."""
+    """Tokenized, packed sequences, built once per (content, tokenizer, settings) and reused.
+
+    The build writes into a temporary directory beside the cache entry and renames it into
+    place, so a concurrent or killed build never leaves a half-written entry; every later
+    call (every other rank) memory-maps the Arrow files.
+    """
     import datasets
 
     root = Path(data.cache_dir) if data.cache_dir else (cache_dir or default_cache_dir())
     path = root / _fingerprint(data, tokenizer, seq_len, seed)
     if not (path / "train").is_dir():
-        rows = _tokenize(data, tokenizer, seq_len, seed)
-        if len(rows) <= data.validation_sequences:
+        _build(data, tokenizer, seq_len, seed, path)
+    train = datasets.load_from_disk(str(path / "train"))
+    validation = datasets.load_from_disk(str(path / "validation")) \
+        if (path / "validation").is_dir() else None
+    counts_file = path / "conversations.json"
+    counts = ConversationCounts(**json.loads(counts_file.read_text())) \
+        if counts_file.is_file() else None
+    return BuiltData(train, validation, packing.count_tokens(train), path, counts)
+
+
+def _build(data: DataSection, tokenizer: Any, seq_len: int, seed: int, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        rows, counts = _sequences(data, tokenizer, seq_len, seed, tmp / "work")
+        held_out = data.validation_sequences
+        if len(rows) <= held_out:
             raise PiLoraError(
                 f"the data gives {len(rows)} sequence(s) of {seq_len} tokens, too few to train",
                 field="data.files" if data.files else "data.dataset",
                 fix="add more text, or lower data.seq_len / data.validation_sequences")
-        val = rows[: data.validation_sequences]
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        datasets.Dataset.from_list(rows[data.validation_sequences:]).save_to_disk(str(tmp / "train"))
-        if val:
-            datasets.Dataset.from_list(val).save_to_disk(str(tmp / "validation"))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        rows.select(range(held_out, len(rows))).save_to_disk(str(tmp / "train"))
+        if held_out:
+            rows.select(range(held_out)).save_to_disk(str(tmp / "validation"))
+        if counts is not None:
+            (tmp / "conversations.json").write_text(json.dumps(asdict(counts)))
+        shutil.rmtree(tmp / "work", ignore_errors=True)  # intermediate Arrow files
         with contextlib.suppress(OSError):  # another process finished first
             os.replace(tmp, path)
-    train = datasets.load_from_disk(str(path / "train"))
-    validation = datasets.load_from_disk(str(path / "validation")) \
-        if (path / "validation").is_dir() else None
-    tokens = sum(len(x) for x in train["input_ids"])
-    return BuiltData(train, validation, tokens, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class PackedCollator:
-    """Stacks sequences, right-padding mixed lengths (short_mix, chat packs).
+    """Stacks sequences, right-padding mixed lengths (short_mix, chat packs); derives labels.
 
-    No attention mask is needed: with causal attention, pads at the end are never seen by
-    real tokens, and their labels are ignored. Position ids (chat packs) continue the last
-    conversation over the pads, so packed-sequence detection stays intact.
+    Labels are the input ids (pretraining), or for conversations the ids on assistant tokens
+    with the first token of every conversation in a pack ignored (it must not be predicted
+    from the previous conversation). No attention mask is needed: with causal attention,
+    pads at the end are never seen by real tokens, and their labels are ignored. Position
+    ids (chat packs) restart per conversation and continue the last one over the pads, so
+    transformers' packed-sequence detection stays intact.
     """
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-        if "position_ids" in rows[0]:
-            batch["position_ids"] = []
-        for r in rows:
-            gap = width - len(r["input_ids"])
-            batch["input_ids"].append(r["input_ids"] + [self.pad_token_id] * gap)
-            batch["labels"].append(r["labels"] + [IGNORE_INDEX] * gap)
-            if "position_ids" in batch:
-                last = r["position_ids"][-1]
-                batch["position_ids"].append(r["position_ids"] + list(range(last + 1, last + 1 + gap)))
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        width = max(len(r[packing.TOKENS]) for r in rows)
+        packed = packing.LENGTHS in rows[0]
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long) if packed else None
+        for i, row in enumerate(rows):
+            tokens = torch.tensor(row[packing.TOKENS], dtype=torch.long)
+            n = len(tokens)
+            ids[i, :n] = tokens
+            if not packed:
+                labels[i, :n] = tokens
+                continue
+            mask = torch.tensor(row[packing.MASK], dtype=torch.bool)
+            labels[i, :n] = torch.where(mask, tokens, IGNORE_INDEX)
+            lengths = row[packing.LENGTHS]
+            starts = [0, *itertools.accumulate(lengths)][:-1]
+            labels[i, starts] = IGNORE_INDEX
+            positions[i, :n] = torch.cat([torch.arange(length) for length in lengths])
+            last = lengths[-1] if lengths else 0
+            positions[i, n:] = torch.arange(last, last + width - n)
+        batch = {"input_ids": ids, "labels": labels}
+        if positions is not None:
+            batch["position_ids"] = positions
+        return batch

@@ -104,12 +104,25 @@ class LengthMix(_Section):
     fraction: float = Field(gt=0.0, lt=1.0)
 
 
+class InstructionFields(_Section):
+    """Columns of alpaca-style instruction data (LongAlpaca ships this way)."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+
+
 class DataSection(_Section):
     files: list[str] = Field(default_factory=list, description=".txt, .jsonl/.json, .parquet")
     dataset: DatasetSource | None = None
-    format: Literal["pretrain", "chat"] = "pretrain"
+    format: Literal["pretrain", "chat", "instruction"] = Field(
+        "pretrain", description="pretrain: concatenate + chunk; chat: `messages` with loss on the "
+                                "assistant turns; instruction: alpaca-style columns, as chat")
     text_field: str = "text"
     messages_field: str = "messages"
+    instruction_fields: InstructionFields = InstructionFields()
+    num_proc: PositiveInt | None = Field(
+        None, description="tokenizer processes; default one per core (up to 16) for large data")
     seq_len: PositiveInt | None = Field(None, description="defaults to rope.target_context")
     short_mix: LengthMix | None = None
     max_tokens: PositiveInt | None = Field(None, description="stop reading after this many")

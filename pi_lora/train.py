@@ -35,7 +35,7 @@ from pi_lora.model import (
     wrap_lora,
 )
 from pi_lora.provenance import IdentityJob, software
-from pi_lora.recipe import Recipe, resolve_deepspeed_config
+from pi_lora.recipe import DataSection, Recipe, resolve_deepspeed_config
 from pi_lora.rope import RopePlan, plan_rope
 from pi_lora.rundir import EXTRAS_FILE, RunDir, RunFacts, RunProvenance
 from pi_lora.trainer import trainer_class
@@ -48,7 +48,7 @@ def check_training_device(recipe: Recipe) -> None:
                           fix="set it to false: on CPU the checkpoints already live in host memory")
 
 
-def _progress_callback(run: RunDir, tokens_per_step: int, is_main: bool) -> Any:
+def _progress_callback(run: RunDir, tokens_per_step: float, is_main: bool) -> Any:
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -206,10 +206,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
         run.prepare(recipe, resume=resume, overwrite=overwrite, is_main=is_main)
     identity = IdentityJob(recipe.model, recipe.data, config) if is_main else None
     set_seed(recipe.training.seed)
-    built = build_train_dataset(recipe.data, tokenizer, recipe.seq_len, seed=recipe.training.seed)
-    # arguments before the model: under ZeRO-3 they make from_pretrained load it sharded
+    # arguments first: they join the process group, so the data is built once while the other
+    # processes wait; and under ZeRO-3 they make from_pretrained load the model sharded
     args = training_arguments(recipe, run, prepare_processes(bool(recipe.training.deepspeed)),
-                              evaluate=built.validation is not None)
+                              evaluate=recipe.data.validation_sequences > 0)
+    built = build_data_once(recipe.data, tokenizer, recipe.seq_len, recipe.training.seed, args)
     model = build_training_model(recipe, plan)
     trainer = _build_trainer(recipe, run, args, model, tokenizer, built)
     trainable, total = count_parameters(model)
@@ -221,6 +222,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
         print(f"pi-lora: {recipe.model.name} {plan.method} x{plan.factor:g} "
               f"({plan.original_context} -> {plan.target_context}), {len(built.train)} sequences "
               f"of {lengths}, trainable {trainable:,} / {total:,}", flush=True)
+        _report_conversations(built, recipe.seq_len)
     checkpoint = run.latest_checkpoint() if resume else None
     if checkpoint is not None and is_main:
         _forget_metrics_after(run, _checkpoint_step(checkpoint))
@@ -236,13 +238,33 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     return run.path
 
 
+def build_data_once(data: DataSection, tokenizer: Any, seq_len: int, seed: int,
+                    args: Any) -> BuiltData:
+    """One process builds the cache while the others wait at a barrier, then all of them
+    memory-map it: one build per node, or one in all when the recipe names a cache_dir
+    (taken to be shared by the nodes). `args`: the TrainingArguments (its process group)."""
+    with args.main_process_first(local=data.cache_dir is None, desc="pi-lora data"):
+        return build_train_dataset(data, tokenizer, seq_len, seed=seed)
+
+
+def _report_conversations(built: BuiltData, seq_len: int) -> None:
+    """Conversations are never cut silently: say how many seq_len truncated or dropped."""
+    counts = built.conversations
+    if counts is None or not (counts.truncated or counts.dropped):
+        return
+    print(f"pi-lora: data: {counts.truncated} of {counts.conversations} conversations are longer "
+          f"than {seq_len} tokens and were cut to it; {counts.dropped} dropped (no answer token "
+          f"within {seq_len})", flush=True)
+
+
 def _build_trainer(recipe: Recipe, run: RunDir, args: Any, model: Any, tokenizer: Any,
                    built: BuiltData) -> Any:
     from transformers.trainer_callback import PrinterCallback
 
     from pi_lora.model import extras_parameter_names
 
-    tokens_per_step = (recipe.seq_len * recipe.training.per_device_batch_size
+    # real tokens, not seq_len x rows: short_mix rows and chat packs are shorter
+    tokens_per_step = (built.tokens_per_sequence * recipe.training.per_device_batch_size
                        * recipe.training.gradient_accumulation_steps * _world_size())
     t = recipe.training
     trainer = trainer_class()(

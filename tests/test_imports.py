@@ -37,6 +37,7 @@ LAYER: dict[str, int] = {
     "known_models": 3,  # offline configs of the models shipped recipes name
     "hub": 3,  # locally installed weights (SmolLM2 GGUF), found without downloading
     "data": 3,
+    "packing": 3,  # Arrow tokenizing and packing that data assembles
     # 4: training machinery and the record of what went in
     "loss": 4,
     "attention": 4,

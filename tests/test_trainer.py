@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from pi_lora.recipe import load_recipe
@@ -47,3 +48,20 @@ def test_trainer_is_configured_through_its_constructor() -> None:
     for mixin, names in ((ChunkedLoss, {"chunk_tokens", "offload_checkpoints"}),
                          (ExtrasCheckpoints, {"extras_names"})):
         assert names <= set(inspect.signature(mixin.__init__).parameters)
+
+
+def test_progress_counts_real_tokens_not_padded_rows(tiny_models, write_recipe) -> None:
+    """short_mix rows are shorter than seq_len: tokens/s counts what the rows hold."""
+    from pi_lora.data import build_train_dataset
+    from pi_lora.model import load_tokenizer
+
+    path = write_recipe(tiny_models("llama"), data={"short_mix": {"seq_len": 64, "fraction": 0.5}},
+                        training={"max_steps": 2, "save_steps": 2})
+    recipe = load_recipe(path)
+    run = RunDir(train(recipe))
+    built = build_train_dataset(recipe.data, load_tokenizer(recipe.model), recipe.seq_len, seed=0)
+    record = json.loads(run.metrics_path.read_text().splitlines()[-1])
+    per_step = record["tokens_per_sec"] * record["sec_per_step"]
+    rows = recipe.training.per_device_batch_size
+    assert per_step == pytest.approx(built.tokens_per_sequence * rows, rel=1e-9)
+    assert per_step < recipe.seq_len * rows

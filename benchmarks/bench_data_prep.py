@@ -1,0 +1,279 @@
+"""Data preparation at corpus scale: pi-lora's Arrow path vs its earlier list path, one run.
+
+    python benchmarks/bench_data_prep.py                      # 10M and 100M tokens
+    python benchmarks/bench_data_prep.py --tokens 10M --legacy-max 10M
+    python benchmarks/bench_data_prep.py --ranks              # 2 ranks: one builds, one waits
+
+The corpus is the shipped Shakespeare plays cut into scene-sized documents, repeated in
+shuffled order until it holds the asked number of tokens (demo tokenizer: byte-level BPE,
+2048 entries, ~2.7 bytes per token). Each build runs in a fresh worker process with a fresh
+cache; reported: tokens/s and peak memory of the worker and of every process it started
+(the tokenizer workers): their PSS, sampled every 20 ms and summed (shared pages counted
+once), and of it the anonymous part (Pss_Anon: heap, not pages of memory-mapped files the
+kernel can drop). Ratios are new vs old from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pi_lora.plan.harness import print_result, run_worker, worker_env
+
+REPO = Path(__file__).resolve().parents[1]
+PLAYS = REPO / "pi_lora" / "demo" / "data" / "plays.jsonl.gz"
+TOKENIZER = REPO / "pi_lora" / "demo" / "base"
+BYTES_PER_TOKEN = 2.74  # measured for the demo tokenizer on the plays
+SEQ_LEN = 4096
+
+
+def parse_count(text: str) -> int:
+    units = {"k": 10**3, "m": 10**6, "b": 10**9}
+    text = text.strip().lower()
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def scenes() -> list[str]:
+    """Documents of a few thousand tokens: each play cut at blank-line runs into ~40 parts."""
+    docs = []
+    with gzip.open(PLAYS, "rt") as f:
+        for line in f:
+            text = json.loads(line)["text"]
+            parts = text.split("\n\n")
+            step = max(1, len(parts) // 40)
+            docs += ["\n\n".join(parts[i:i + step]) for i in range(0, len(parts), step)]
+    return docs
+
+
+def write_corpus(path: Path, tokens: int, seed: int = 0) -> Path:
+    """jsonl of {"text": ...} holding ~`tokens` tokens; reused when already written."""
+    if path.is_file():
+        return path
+    docs, rng, written = scenes(), random.Random(seed), 0
+    target = tokens * BYTES_PER_TOKEN
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        while written < target:
+            rng.shuffle(docs)
+            for doc in docs:
+                f.write(json.dumps({"text": doc}) + "\n")
+                written += len(doc)
+                if written >= target:
+                    break
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+class TreePeak:
+    """Peak memory of this process + its descendants (the tokenizer workers), sampled in a
+    thread: the sum of their PSS (proportional set size), so pages the forked workers share
+    with their parent count once, not once per process as summed RSS would."""
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        import psutil
+
+        self.process, self.interval = psutil.Process(), interval_s
+        self.peak, self.peak_anon = 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = anon = 0
+            for proc in [self.process, *self.process.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error, OSError):  # a worker that just exited
+                    fields = _smaps_rollup(proc.pid)
+                    total, anon = total + fields["Pss"], anon + fields["Pss_Anon"]
+            self.peak, self.peak_anon = max(self.peak, total), max(self.peak_anon, anon)
+            time.sleep(self.interval)
+
+    def stop(self) -> tuple[int, int]:
+        self._stop.set()
+        self._thread.join()
+        return self.peak, self.peak_anon
+
+
+def _smaps_rollup(pid: int) -> dict[str, int]:
+    """Bytes of the PSS fields of /proc/PID/smaps_rollup (Pss, Pss_Anon, Pss_File, ...)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value, *_ = line.split()
+        fields[name.rstrip(":")] = int(value) * 1024
+    return fields
+
+
+def worker(path: str, mode: str, num_proc: int | None, cache: str) -> None:
+    from transformers import AutoTokenizer
+
+    from pi_lora.data import build_train_dataset
+    from pi_lora.plan.harness import peak_bytes
+    from pi_lora.recipe import DataSection
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    section = DataSection(files=[path], num_proc=num_proc, cache_dir=cache)
+    sampler = TreePeak()
+    started, cpu = time.time(), os.times()
+    if mode == "legacy":
+        sys.path.insert(0, str(Path(__file__).parent))
+        import data_prep_legacy
+
+        tokens = data_prep_legacy.build(section, tokenizer, SEQ_LEN, Path(cache))
+    else:
+        tokens = build_train_dataset(section, tokenizer, SEQ_LEN, seed=0).tokens
+    seconds = time.time() - started
+    done = os.times()
+    pss, anon = sampler.stop()
+    print_result({"mode": mode, "tokens": tokens, "seconds": seconds,
+                  "tree_peak_bytes": pss, "tree_anon_peak_bytes": anon,
+                  "self_peak_bytes": peak_bytes("cpu"),
+                  "cpu_seconds": done.user - cpu.user + done.children_user - cpu.children_user})
+
+
+def rank_worker(path: str, cache: str) -> None:
+    """Under torchrun: build through pi-lora's barrier; say whether this rank built."""
+    from transformers import AutoTokenizer, TrainingArguments
+
+    import pi_lora.data as data
+    from pi_lora.recipe import DataSection
+    from pi_lora.train import build_data_once
+
+    builds: list[int] = []
+    build = data._build
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        builds.append(1)
+        build(*args, **kwargs)
+
+    data._build = counted
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    args = TrainingArguments(output_dir=str(Path(cache) / "out"), use_cpu=True, report_to=[])
+    started, cpu = time.time(), os.times()
+    built = build_data_once(DataSection(files=[path]), tokenizer, SEQ_LEN, 0, args)
+    done = os.times()
+    print_result({"rank": int(os.environ["RANK"]), "built": bool(builds), "tokens": built.tokens,
+                  "seconds": time.time() - started, "cache": str(built.cache_path),
+                  "cpu_seconds": done.user - cpu.user + done.children_user - cpu.children_user})
+
+
+def ranks(corpus: Path) -> list[dict[str, Any]]:
+    """Two ranks under torchrun (gloo), fresh cache: one tokenizes, the other waits."""
+    import subprocess
+
+    from pi_lora.distributed import free_port
+    from pi_lora.plan.harness import RESULT_PREFIX
+
+    cache = Path(tempfile.mkdtemp(prefix="bench-data-ranks-"))
+    env = worker_env(threads=1, extra={"HF_DATASETS_CACHE": str(cache / "hf"),
+                                       "PI_LORA_CACHE": str(cache), "HF_DATASETS_OFFLINE": "1"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), __file__, "--rank-worker", str(corpus),
+               "--cache", str(cache)]
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600,
+                              check=False)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    results = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
+               if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or len(results) != 2:
+        raise RuntimeError(f"ranks run failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def measure(corpus: Path, mode: str, num_proc: int | None) -> dict[str, Any]:
+    cache = Path(tempfile.mkdtemp(prefix=f"bench-data-{mode}-"))
+    # the datasets cache of the raw json must not carry over between builds
+    env = worker_env(threads=1, extra={"HF_DATASETS_CACHE": str(cache / "hf"),
+                                       "HF_DATASETS_OFFLINE": "1"})
+    args = [__file__, "--worker", str(corpus), "--mode", mode, "--cache", str(cache)]
+    if num_proc:
+        args += ["--num-proc", str(num_proc)]
+    try:
+        out = run_worker(args, env, timeout_s=3600)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    if out.result is None:
+        raise out.failure(f"{mode} on {corpus.name}")
+    return out.result
+
+
+def table(rows: list[tuple[str, dict, dict | None]]) -> str:
+    gib = 1 << 30
+    lines = ["| corpus | path | tokens | seconds | M tok/s | peak PSS, all processes "
+             "| of it anonymous | speed x | memory x |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, new, old in rows:
+        for name, r in (("old", old), ("new", new)):
+            if r is None:
+                continue
+            speed = (old["seconds"] / new["seconds"]) if old and name == "new" else None
+            memory = (new["tree_peak_bytes"] / old["tree_peak_bytes"]) if old and name == "new" else None
+            lines.append(
+                f"| {label} | {name} | {r['tokens'] / 1e6:.1f}M | {r['seconds']:.1f} | "
+                f"{r['tokens'] / r['seconds'] / 1e6:.2f} | {r['tree_peak_bytes'] / gib:.2f} GiB | "
+                f"{r['tree_anon_peak_bytes'] / gib:.2f} GiB | "
+                f"{f'{speed:.1f}' if speed else '-'} | {f'{memory:.2f}' if memory else '-'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="10M,100M", help="corpus sizes, e.g. 10M,100M")
+    parser.add_argument("--legacy-max", default="100M", help="largest size the old path runs at")
+    parser.add_argument("--num-proc", type=int, default=None, help="new path: tokenizer processes")
+    parser.add_argument("--corpus-dir", type=Path, default=REPO / "build" / "bench-data")
+    parser.add_argument("--ranks", action="store_true",
+                        help="2 ranks under torchrun on the smallest corpus: who builds, who waits")
+    parser.add_argument("--worker")
+    parser.add_argument("--rank-worker")
+    parser.add_argument("--mode", choices=["legacy", "new"])
+    parser.add_argument("--cache")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.mode, args.num_proc, args.cache)
+        return
+    if args.rank_worker:
+        rank_worker(args.rank_worker, args.cache)
+        return
+    args.corpus_dir.mkdir(parents=True, exist_ok=True)
+    if args.ranks:
+        text = args.tokens.split(",")[0]
+        corpus = write_corpus(args.corpus_dir / f"corpus-{text}.jsonl", parse_count(text))
+        for r in ranks(corpus):
+            print(f"rank {r['rank']}: {'built' if r['built'] else 'waited, then memory-mapped'} "
+                  f"{r['tokens'] / 1e6:.1f}M tokens; wall {r['seconds']:.1f} s, CPU "
+                  f"{r['cpu_seconds']:.1f} s")
+        return
+    rows = []
+    for text in args.tokens.split(","):
+        count = parse_count(text)
+        corpus = write_corpus(args.corpus_dir / f"corpus-{text}.jsonl", count)
+        old = measure(corpus, "legacy", None) if count <= parse_count(args.legacy_max) else None
+        new = measure(corpus, "new", args.num_proc)
+        rows.append((text, new, old))
+        print(table(rows[-1:]), flush=True)
+    print("\n" + table(rows))
+
+
+if __name__ == "__main__":
+    main()
