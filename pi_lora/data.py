@@ -62,7 +62,8 @@ def expand_files(files: list[str]) -> list[Path]:
 
 
 def load_raw(data: DataSection) -> Any:
-    """A `datasets.Dataset` of raw records from local files or a hub dataset."""
+    """Raw records from local files or a hub dataset: a `datasets.Dataset`, or with
+    `data.streaming` an `IterableDataset` read lazily (nothing downloaded or converted ahead)."""
     import datasets
 
     if data.files:
@@ -70,12 +71,12 @@ def load_raw(data: DataSection) -> Any:
         builder = _BUILDERS[paths[0].suffix]
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
-                                     **kwargs)
+                                     streaming=data.streaming, **kwargs)
     assert data.dataset is not None
     source = data.dataset
     try:
         return datasets.load_dataset(source.name, source.config, split=source.split,
-                                     revision=source.revision)
+                                     revision=source.revision, streaming=data.streaming)
     except Exception as exc:  # datasets raises many types for offline / missing data
         raise PiLoraError(f"cannot load dataset {source.name!r}: {str(exc).splitlines()[0][:200]}",
                           field="data.dataset.name",
@@ -83,9 +84,10 @@ def load_raw(data: DataSection) -> Any:
 
 
 def _require_column(raw: Any, column: str, field: str) -> None:
-    if column not in raw.column_names:
-        raise PiLoraError(f"column {column!r} not in the data (columns: {raw.column_names})",
-                          field=field, fix=f"set {field} to one of {raw.column_names}")
+    columns = packing.column_names(raw)
+    if column not in columns:
+        raise PiLoraError(f"column {column!r} not in the data (columns: {columns})",
+                          field=field, fix=f"set {field} to one of {columns}")
 
 
 # --------------------------------------------------------------------------- building + cache
@@ -93,16 +95,17 @@ def _require_column(raw: Any, column: str, field: str) -> None:
 
 @dataclass(frozen=True)
 class BuiltData:
-    train: Any
+    train: Any  # Dataset (memory-mapped cache) or, streaming, IterableDataset
     validation: Any | None
-    tokens: int  # real (non-pad) tokens in train
-    cache_path: Path
+    tokens: int | None  # real (non-pad) tokens in train; None for a stream
+    cache_path: Path | None  # None for a stream
+    # mean real tokens per training row: what tokens/s counts (not seq_len x batch)
+    tokens_per_sequence: float
     conversations: ConversationCounts | None = None  # chat/instruction: what seq_len cut
 
     @property
-    def tokens_per_sequence(self) -> float:
-        """Mean real tokens per training row: what tokens/s counts (not seq_len x batch)."""
-        return self.tokens / max(len(self.train), 1)
+    def sequences(self) -> int | None:
+        return None if self.cache_path is None else len(self.train)
 
 
 def _fingerprint(data: DataSection, tokenizer: Any, seq_len: int, seed: int) -> str:
@@ -133,9 +136,7 @@ def _sequences(data: DataSection, tokenizer: Any, seq_len: int, seed: int,
             blocks = packing.split_for_short_mix(blocks, data.short_mix.seq_len,
                                                  data.short_mix.fraction, seed)
         return blocks, None
-    if tokenizer.chat_template is None:
-        raise PiLoraError("the tokenizer has no chat template", field="data.format",
-                          fix="use format: pretrain, or a model/tokenizer with a chat template")
+    _check_chat_template(tokenizer)
     columns, to_messages = _conversation_reader(data, raw)
     tokens = packing.tokenize_conversations(raw, tokenizer, to_messages, columns, num_proc,
                                             str(work / "tokens.arrow"))
@@ -151,7 +152,7 @@ def _conversation_reader(data: DataSection, raw: Any) -> tuple[list[str], Any]:
     fields = data.instruction_fields
     _require_column(raw, fields.instruction, "data.instruction_fields.instruction")
     _require_column(raw, fields.output, "data.instruction_fields.output")
-    if fields.input in raw.column_names:
+    if fields.input in packing.column_names(raw):
         return [fields.instruction, fields.input, fields.output], packing.alpaca_messages
     return ([fields.instruction, fields.output],
             lambda instruction, output: packing.alpaca_messages(instruction, None, output))
@@ -167,6 +168,8 @@ def build_train_dataset(data: DataSection, tokenizer: Any, seq_len: int, *, seed
     """
     import datasets
 
+    if data.streaming:
+        return _stream(data, tokenizer, seq_len, seed)
     root = Path(data.cache_dir) if data.cache_dir else (cache_dir or default_cache_dir())
     path = root / _fingerprint(data, tokenizer, seq_len, seed)
     if not (path / "train").is_dir():
@@ -177,7 +180,44 @@ def build_train_dataset(data: DataSection, tokenizer: Any, seq_len: int, *, seed
     counts_file = path / "conversations.json"
     counts = ConversationCounts(**json.loads(counts_file.read_text())) \
         if counts_file.is_file() else None
-    return BuiltData(train, validation, packing.count_tokens(train), path, counts)
+    tokens = packing.count_tokens(train)
+    return BuiltData(train, validation, tokens, path, tokens / max(len(train), 1), counts)
+
+
+STREAM_SHUFFLE_ROWS = 256  # packed rows a stream is shuffled within
+STREAM_SAMPLE_ROWS = 64  # packs that estimate a chat stream's tokens per row
+
+
+def _stream(data: DataSection, tokenizer: Any, seq_len: int, seed: int) -> BuiltData:
+    """A stream tokenized and packed as it is read (each epoch anew), shuffled in a buffer;
+    the first validation_sequences packed rows are held out in memory."""
+    import datasets
+
+    raw = load_raw(data)
+    if data.format == "pretrain":
+        _require_column(raw, data.text_field, "data.text_field")
+        tokens = packing.tokenize_documents(raw, tokenizer, data.text_field, None)
+        rows = packing.stream_blocks(tokens, seq_len, data.max_tokens)
+    else:
+        _check_chat_template(tokenizer)
+        columns, to_messages = _conversation_reader(data, raw)
+        tokens = packing.tokenize_conversations(raw, tokenizer, to_messages, columns, None)
+        rows = packing.pack_conversations(packing.stream_fitting(tokens, seq_len), seq_len)
+    held_out = list(rows.take(data.validation_sequences)) if data.validation_sequences else []
+    validation = datasets.Dataset.from_list(held_out) if held_out else None
+    train = rows.skip(len(held_out)).shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_ROWS)
+    sample = [len(r[packing.TOKENS]) for r in rows.take(STREAM_SAMPLE_ROWS)]
+    if not sample:
+        raise PiLoraError(f"the data stream gives no sequence of {seq_len} tokens",
+                          field="data.files" if data.files else "data.dataset",
+                          fix="check the data, or lower data.seq_len")
+    return BuiltData(train, validation, None, None, sum(sample) / len(sample))
+
+
+def _check_chat_template(tokenizer: Any) -> None:
+    if tokenizer.chat_template is None:
+        raise PiLoraError("the tokenizer has no chat template", field="data.format",
+                          fix="use format: pretrain, or a model/tokenizer with a chat template")
 
 
 def _build(data: DataSection, tokenizer: Any, seq_len: int, seed: int, path: Path) -> None:

@@ -37,6 +37,24 @@ def auto_num_proc(rows: int, requested: int | None) -> int | None:
     return max(1, min(16, len(os.sched_getaffinity(0)))) or None
 
 
+def _map_options(dataset: Any, num_proc: int | None, cache_file: str | None) -> dict[str, Any]:
+    """What `map` takes besides the function: worker processes and a cache file for a
+    Dataset; an IterableDataset (streaming) maps lazily in the reading process."""
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):
+        return {}
+    return {"num_proc": num_proc, "cache_file_name": cache_file, "desc": "pi-lora: tokenizing"}
+
+
+def column_names(dataset: Any) -> list[str]:
+    """Columns of a Dataset, or of a stream whose schema is only known from its first row."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset.take(1)), None)
+    return list(first) if first else []
+
+
 def _token_features(*columns: str) -> Any:
     import datasets
 
@@ -61,8 +79,8 @@ def tokenize_documents(raw: Any, tokenizer: Any, field: str, num_proc: int | Non
         return {TOKENS: [row + end if text else [] for row, text in zip(ids, texts, strict=True)]}
 
     return raw.map(encode, batched=True, batch_size=TOKENIZE_BATCH, input_columns=[field],
-                   remove_columns=raw.column_names, features=_token_features(TOKENS),
-                   num_proc=num_proc, cache_file_name=cache_file, desc="pi-lora: tokenizing")
+                   remove_columns=column_names(raw), features=_token_features(TOKENS),
+                   **_map_options(raw, num_proc, cache_file))
 
 
 def row_lengths(dataset: Any, column: str = TOKENS) -> np.ndarray:
@@ -178,8 +196,8 @@ def tokenize_conversations(raw: Any, tokenizer: Any, to_messages: Any, columns: 
         return out
 
     return raw.map(encode, batched=True, batch_size=TOKENIZE_BATCH, input_columns=columns,
-                   remove_columns=raw.column_names, features=_token_features(TOKENS, MASK),
-                   num_proc=num_proc, cache_file_name=cache_file, desc="pi-lora: tokenizing")
+                   remove_columns=column_names(raw), features=_token_features(TOKENS, MASK),
+                   **_map_options(raw, num_proc, cache_file))
 
 
 @dataclass(frozen=True)
@@ -222,5 +240,30 @@ def pack_conversations(conversations: Any, seq_len: int, cache_file: str | None 
     """Whole conversations packed best-fit-decreasing into rows of at most seq_len (trl)."""
     from trl import pack_dataset
 
-    return pack_dataset(conversations, seq_len, strategy="bfd",
-                        map_kwargs={"cache_file_name": cache_file, "desc": "pi-lora: packing"})
+    options = {"cache_file_name": cache_file, "desc": "pi-lora: packing"} \
+        if _map_options(conversations, None, cache_file) else {}
+    return pack_dataset(conversations, seq_len, strategy="bfd", map_kwargs=options)
+
+
+# --------------------------------------------------------------------------- streams
+
+
+STREAM_PACK_DOCS = 1000  # documents per on-the-fly packing batch (its tail is dropped)
+
+
+def stream_blocks(tokenized: Any, seq_len: int, max_tokens: int | None) -> Any:
+    """Pretraining blocks from a token stream, packed as it is read (trl, wrapped)."""
+    from trl import pack_dataset
+
+    # a stream's batches are typed from their rows: an empty row would type as list<null>
+    documents = tokenized.filter(len, input_columns=[TOKENS])
+    packed = pack_dataset(documents, seq_len, strategy="wrapped",
+                          map_kwargs={"batch_size": STREAM_PACK_DOCS})
+    full = packed.filter(lambda ids: len(ids) == seq_len, input_columns=[TOKENS])
+    return full.take(max_tokens // seq_len) if max_tokens is not None else full
+
+
+def stream_fitting(tokenized: Any, seq_len: int) -> Any:
+    """Conversations with an answer token within seq_len, as they stream by (not counted:
+    a stream has no length to count against)."""
+    return tokenized.filter(lambda mask: any(mask[:seq_len]), input_columns=[MASK])

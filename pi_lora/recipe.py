@@ -123,6 +123,9 @@ class DataSection(_Section):
     instruction_fields: InstructionFields = InstructionFields()
     num_proc: PositiveInt | None = Field(
         None, description="tokenizer processes; default one per core (up to 16) for large data")
+    streaming: bool = Field(
+        False, description="read files / the hub dataset as a stream, tokenized and packed on "
+                           "the fly, nothing cached (data too large to download or copy)")
     seq_len: PositiveInt | None = Field(None, description="defaults to rope.target_context")
     short_mix: LengthMix | None = None
     max_tokens: PositiveInt | None = Field(None, description="stop reading after this many")
@@ -338,6 +341,10 @@ def _cross_checks(recipe: Recipe) -> list[PiLoraError]:
         errors.append(PiLoraError(
             "must be shorter than the training length", field="data.short_mix.seq_len",
             fix=f"use a length below {recipe.seq_len}"))
+    if recipe.data.streaming and recipe.data.short_mix:
+        errors.append(PiLoraError(
+            "short_mix chooses blocks to cut among all of them, which a stream does not have",
+            field="data.short_mix", fix="drop short_mix, or set data.streaming: false"))
     if not recipe.data.files and recipe.data.dataset is None:
         errors.append(PiLoraError(
             "no training data", field="data",

@@ -56,12 +56,12 @@ class RunFacts(BaseModel):
     extras: list[str]
     trainable_parameters: int
     total_parameters: int
-    train_sequences: int
-    train_tokens: int
+    train_sequences: int | None  # None when the data streams
+    train_tokens: int | None
     seq_len: int
     world_size: int
-    data_cache: str
-    epochs_for_max_steps: float
+    data_cache: str | None
+    epochs_for_max_steps: float | None
     cpu_allocator: str | None = None  # None on GPU
     provenance: RunProvenance = RunProvenance()
     final_loss: float | None = None

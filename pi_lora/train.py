@@ -220,7 +220,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
         mix = recipe.data.short_mix
         lengths = f"{recipe.seq_len}" + (f" ({mix.fraction:.0%} cut to {mix.seq_len})" if mix else "")
         print(f"pi-lora: {recipe.model.name} {plan.method} x{plan.factor:g} "
-              f"({plan.original_context} -> {plan.target_context}), {len(built.train)} sequences "
+              f"({plan.original_context} -> {plan.target_context}), "
+              f"{built.sequences if built.sequences is not None else 'a stream of'} sequences "
               f"of {lengths}, trainable {trainable:,} / {total:,}", flush=True)
         _report_conversations(built, recipe.seq_len)
     checkpoint = run.latest_checkpoint() if resume else None
@@ -311,9 +312,11 @@ def _start_facts(recipe: Recipe, plan: RopePlan, extras: list[str], trainable: i
         status="training", provenance=RunProvenance(software=software()), rope=plan.to_dict(),
         extras=[base_parameter_name(n) for n in extras],
         trainable_parameters=trainable, total_parameters=total,
-        train_sequences=len(built.train), train_tokens=built.tokens,
-        seq_len=recipe.seq_len, world_size=_world_size(), data_cache=str(built.cache_path),
-        epochs_for_max_steps=_epochs(recipe, len(built.train)), cpu_allocator=allocator)
+        train_sequences=built.sequences, train_tokens=built.tokens,
+        seq_len=recipe.seq_len, world_size=_world_size(),
+        data_cache=str(built.cache_path) if built.cache_path else None,
+        epochs_for_max_steps=_epochs(recipe, built.sequences) if built.sequences else None,
+        cpu_allocator=allocator)
 
 
 def _epochs(recipe: Recipe, sequences: int) -> float:

@@ -236,3 +236,36 @@ def test_two_ranks_tokenize_once(tmp_path: Path) -> None:
                if line.startswith("RESULT ")]
     assert sorted(r["built"] for r in results) == [False, True]
     assert len({r["cache"] for r in results}) == 1 and len({r["tokens"] for r in results}) == 1
+
+
+def test_a_stream_gives_the_cached_blocks(tokenizer, documents: Path, tmp_path: Path) -> None:
+    """data.streaming: the same blocks, packed as the files are read (shuffled in a buffer),
+    max_tokens cuts the stream, validation rows are held out in memory."""
+    cached = build_train_dataset(DataSection(files=[str(documents)], text_field="body"),
+                                 tokenizer, 64, seed=0, cache_dir=tmp_path / "c")
+    section = DataSection(files=[str(documents)], text_field="body", streaming=True,
+                          validation_sequences=2)
+    stream = build_train_dataset(section, tokenizer, 64, seed=0, cache_dir=tmp_path / "c")
+    assert stream.cache_path is None and stream.sequences is None and stream.tokens is None
+    held_out = list(stream.validation["input_ids"])
+    streamed = [row["input_ids"] for row in stream.train]
+    blocks = list(cached.train["input_ids"])
+    assert held_out == blocks[:2]
+    assert sorted(held_out + streamed) == sorted(blocks)
+    assert stream.tokens_per_sequence == 64
+    capped = DataSection(files=[str(documents)], text_field="body", streaming=True,
+                         max_tokens=64 * 5)
+    rows = [r["input_ids"] for r in build_train_dataset(capped, tokenizer, 64, seed=0).train]
+    assert sorted(rows) == sorted(blocks[:5])
+    assert not list((tmp_path / "c").glob("*.tmp*"))
+
+
+def test_a_chat_stream_packs_and_drops_answerless(tokenizer, tmp_path: Path) -> None:
+    rows = [_chat("short question", "short answer"),
+            _chat("long question " * 40, "answer past the window"),
+            _chat("q", "a long answer " * 40)]
+    section = DataSection(files=[str(_conversations(tmp_path, rows))], format="chat",
+                          streaming=True)
+    packs = list(build_train_dataset(section, tokenizer, 64, seed=0).train)
+    assert sum(len(p[packing.LENGTHS]) for p in packs) == 2  # the answerless one is dropped
+    assert all(len(p["input_ids"]) <= 64 and sum(p[packing.MASK]) > 0 for p in packs)

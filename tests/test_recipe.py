@@ -112,3 +112,11 @@ def test_unsafe_yaml_is_rejected(tmp_path: Path) -> None:
     path.write_text("model: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(PiLoraError, match="not valid YAML"):
         load_recipe(path)
+
+
+def test_a_stream_cannot_short_mix(tmp_path: Path) -> None:
+    bad = deep_merge(BASE, {"data": {"streaming": True,
+                                     "short_mix": {"seq_len": 1024, "fraction": 0.3}}})
+    with pytest.raises(RecipeErrors) as info:
+        load_recipe(_write(tmp_path, bad))
+    assert [e.field for e in info.value.errors] == ["data.short_mix"]

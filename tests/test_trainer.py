@@ -65,3 +65,12 @@ def test_progress_counts_real_tokens_not_padded_rows(tiny_models, write_recipe) 
     rows = recipe.training.per_device_batch_size
     assert per_step == pytest.approx(built.tokens_per_sequence * rows, rel=1e-9)
     assert per_step < recipe.seq_len * rows
+
+
+def test_trains_from_a_stream(tiny_models, write_recipe) -> None:
+    path = write_recipe(tiny_models("llama"), data={"streaming": True},
+                        training={"max_steps": 3, "save_steps": 3})
+    run = RunDir(train(load_recipe(path)))
+    facts = run.read_facts()
+    assert facts.status == "complete" and facts.steps == 3
+    assert facts.train_sequences is None and facts.data_cache is None
