@@ -50,7 +50,18 @@ def cmd_train(recipe_path: str, overrides: list[str], resume: bool, overwrite: b
     run = train(recipe, resume=resume, overwrite=overwrite)
     if process_info().is_main:
         print(f"pi-lora: run saved in {run}\n  next: pi-lora merge {run}")
+    _release_process_group()
     return 0
+
+
+def _release_process_group() -> None:
+    """Tear the process group down before the interpreter does: PyTorch asks for it, and a
+    rank once aborted at exit ("terminate called without an active exception") without it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still talks to it
+        dist.destroy_process_group()
 
 
 def cmd_merge(run_dir: str, output: str | None, dtype: str | None, probe_tokens: int | None,

@@ -129,8 +129,8 @@ def _sequences(data: DataSection, tokenizer: Any, seq_len: int, seed: int,
     num_proc = packing.auto_num_proc(len(raw), data.num_proc)
     if data.format == "pretrain":
         _require_column(raw, data.text_field, "data.text_field")
-        tokens = packing.tokenize_documents(raw, tokenizer, data.text_field, num_proc,
-                                            str(work / "tokens.arrow"))
+        tokens = packing.tokenize_documents_up_to(raw, tokenizer, data.text_field, num_proc,
+                                                  str(work / "tokens"), data.max_tokens)
         blocks = packing.pack_wrapped(tokens, seq_len, data.max_tokens, str(work / "packed.arrow"))
         if data.short_mix:
             blocks = packing.split_for_short_mix(blocks, data.short_mix.seq_len,

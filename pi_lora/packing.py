@@ -83,6 +83,28 @@ def tokenize_documents(raw: Any, tokenizer: Any, field: str, num_proc: int | Non
                    **_map_options(raw, num_proc, cache_file))
 
 
+SHARD_DOCUMENTS = 20_000  # with max_tokens, documents are tokenized a shard at a time
+
+
+def tokenize_documents_up_to(raw: Any, tokenizer: Any, field: str, num_proc: int | None,
+                             cache_prefix: str, max_tokens: int | None) -> Any:
+    """`tokenize_documents`, stopping after the shard that reaches `max_tokens`: a 1B-token
+    run on a 1T-token corpus reads what it uses, not the corpus."""
+    import datasets
+
+    if max_tokens is None:
+        return tokenize_documents(raw, tokenizer, field, num_proc, f"{cache_prefix}.arrow")
+    shards, total = [], 0
+    for start in range(0, len(raw), SHARD_DOCUMENTS):
+        shard = raw.select(range(start, min(start + SHARD_DOCUMENTS, len(raw))))
+        shards.append(tokenize_documents(shard, tokenizer, field, num_proc,
+                                         f"{cache_prefix}-{start}.arrow"))
+        total += count_tokens(shards[-1])
+        if total >= max_tokens:
+            break
+    return datasets.concatenate_datasets(shards)
+
+
 def row_lengths(dataset: Any, column: str = TOKENS) -> np.ndarray:
     """Lengths of every row, read from the Arrow offsets (no row is materialised); follows
     a `select`'s index mapping instead of copying the rows."""

@@ -269,3 +269,23 @@ def test_a_chat_stream_packs_and_drops_answerless(tokenizer, tmp_path: Path) -> 
     packs = list(build_train_dataset(section, tokenizer, 64, seed=0).train)
     assert sum(len(p[packing.LENGTHS]) for p in packs) == 2  # the answerless one is dropped
     assert all(len(p["input_ids"]) <= 64 and sum(p[packing.MASK]) > 0 for p in packs)
+
+
+def test_max_tokens_reads_only_the_shards_it_needs(tokenizer, documents: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packing, "SHARD_DOCUMENTS", 20)
+    seen: list[int] = []
+    tokenize = packing.tokenize_documents
+
+    def counted(raw, *args, **kwargs):
+        seen.append(len(raw))
+        return tokenize(raw, *args, **kwargs)
+
+    monkeypatch.setattr(packing, "tokenize_documents", counted)
+    full = build_train_dataset(DataSection(files=[str(documents)], text_field="body"),
+                               tokenizer, 64, seed=0, cache_dir=tmp_path / "c")
+    capped = DataSection(files=[str(documents)], text_field="body", max_tokens=64 * 3)
+    seen.clear()
+    built = build_train_dataset(capped, tokenizer, 64, seed=0, cache_dir=tmp_path / "c")
+    assert list(built.train["input_ids"]) == list(full.train["input_ids"])[:3]
+    assert sum(seen) < 200 and all(n == 20 for n in seen)  # not the whole corpus
