@@ -32,19 +32,23 @@ def auto_num_proc(rows: int, requested: int | None) -> int | None:
     """One tokenizer process per core (up to 16) for large inputs; None (in-process) else."""
     if requested is not None:
         return requested if requested > 1 else None
-    if rows < SMALL_INPUT_ROWS:
-        return None
-    return max(1, min(16, len(os.sched_getaffinity(0)))) or None
+    cores = min(16, len(os.sched_getaffinity(0)))
+    return cores if rows >= SMALL_INPUT_ROWS and cores > 1 else None
 
 
-def _map_options(dataset: Any, num_proc: int | None, cache_file: str | None) -> dict[str, Any]:
-    """What `map` takes besides the function: worker processes and a cache file for a
-    Dataset; an IterableDataset (streaming) maps lazily in the reading process."""
+def is_stream(dataset: Any) -> bool:
     import datasets
 
-    if isinstance(dataset, datasets.IterableDataset):
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+def _map_options(dataset: Any, num_proc: int | None, cache_file: str | None,
+                 desc: str = "pi-lora: tokenizing") -> dict[str, Any]:
+    """What `map` takes besides the function: worker processes and a cache file for a
+    Dataset; an IterableDataset (streaming) maps lazily in the reading process."""
+    if is_stream(dataset):
         return {}
-    return {"num_proc": num_proc, "cache_file_name": cache_file, "desc": "pi-lora: tokenizing"}
+    return {"num_proc": num_proc, "cache_file_name": cache_file, "desc": desc}
 
 
 def column_names(dataset: Any) -> list[str]:
@@ -262,8 +266,7 @@ def pack_conversations(conversations: Any, seq_len: int, cache_file: str | None 
     """Whole conversations packed best-fit-decreasing into rows of at most seq_len (trl)."""
     from trl import pack_dataset
 
-    options = {"cache_file_name": cache_file, "desc": "pi-lora: packing"} \
-        if _map_options(conversations, None, cache_file) else {}
+    options = _map_options(conversations, None, cache_file, "pi-lora: packing")
     return pack_dataset(conversations, seq_len, strategy="bfd", map_kwargs=options)
 
 
