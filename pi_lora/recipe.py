@@ -1,211 +1,60 @@
-"""The recipe: a typed, validated description of one context-extension run.
-
-YAML becomes `Recipe` here and nowhere else. Every default lives in this file. Teams share
-a base through `extends:` (deep merge, child wins) and tweak a run with `--set a.b=value`.
-"""
+"""Recipes: reading YAML, `extends`, `--set` overrides, validation against pi_lora.schema, and
+the checks between sections; every problem reported at once. The schema's names are
+re-exported here, where the rest of pi-lora imports them from."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    ValidationError,
-)
+from pydantic import BaseModel, ValidationError
 
 from pi_lora.errors import PiLoraError, RecipeErrors
+from pi_lora.schema import (
+    SCALING_METHODS,
+    SHIPPED_DEEPSPEED_DIR,
+    DataSection,
+    DatasetSource,
+    DType,
+    Extra,
+    InstructionFields,
+    LengthMix,
+    Llama3Options,
+    LoraSection,
+    ModelSection,
+    QuantizationSection,
+    Recipe,
+    RopeMethod,
+    RopeSection,
+    TrainingSection,
+    YarnOptions,
+)
 
-DType = Literal["bf16", "fp16", "fp32"]
-RopeMethod = Literal["linear", "ntk", "dynamic", "yarn", "llama3", "none"]
-# the methods that extend the window (every RopeMethod but "none"): the one list of them
-SCALING_METHODS: tuple[str, ...] = tuple(m for m in get_args(RopeMethod) if m != "none")
-Extra = Literal["embeddings", "norms", "lm_head"]
-# package data (the repository's top-level deepspeed_configs/ links here), so a wheel has them
-SHIPPED_DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed_configs"
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class QuantizationSection(_Section):
-    """bitsandbytes quantization of the frozen base (QLoRA)."""
-
-    bits: Literal[4, 8]
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-
-
-class ModelSection(_Section):
-    name: str = Field(description="hub id, local directory, or directory holding `gguf_file`")
-    gguf_file: str | None = None
-    revision: str | None = None
-    tokenizer: str | None = Field(None, description="defaults to `name`")
-    dtype: DType = "bf16"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    trust_remote_code: bool = False
-    quantization: QuantizationSection | None = None
-
-
-class YarnOptions(_Section):
-    beta_fast: PositiveFloat = 32.0
-    beta_slow: PositiveFloat = 1.0
-    attention_factor: PositiveFloat | None = None
-
-
-class Llama3Options(_Section):
-    low_freq_factor: PositiveFloat = 1.0
-    high_freq_factor: PositiveFloat = 4.0
-
-
-class RopeSection(_Section):
-    method: RopeMethod
-    target_context: PositiveInt
-    original_context: PositiveInt | None = Field(
-        None, description="pretraining window; read from the model config when omitted"
-    )
-    yarn: YarnOptions = YarnOptions()
-    llama3: Llama3Options = Llama3Options()
-
-
-class LoraSection(_Section):
-    r: PositiveInt = 8
-    alpha: PositiveFloat = 16.0
-    dropout: NonNegativeFloat = 0.05
-    target_modules: list[str] | None = Field(None, description="per-architecture default")
-    trainable_extras: list[Extra] = Field(
-        default_factory=list, description="LongLoRA 'LoRA+': also train embeddings / norms"
-    )
-
-
-class DatasetSource(_Section):
-    """A split of a hub dataset: a recipe's training data, and `pi-lora eval`'s documents."""
-
-    name: str
-    config: str | None = None
-    split: str = "train"
-    revision: str | None = None
-
-
-class LengthMix(_Section):
-    """A share of training sequences cut at a shorter length (keeps short-range skills)."""
-
-    seq_len: PositiveInt
-    fraction: float = Field(gt=0.0, lt=1.0)
-
-
-class InstructionFields(_Section):
-    """Columns of alpaca-style instruction data (LongAlpaca ships this way)."""
-
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
-
-
-class DataSection(_Section):
-    files: list[str] = Field(default_factory=list, description=".txt, .jsonl/.json, .parquet")
-    dataset: DatasetSource | None = None
-    format: Literal["pretrain", "chat", "instruction"] = Field(
-        "pretrain", description="pretrain: concatenate + chunk; chat: `messages` with loss on the "
-                                "assistant turns; instruction: alpaca-style columns, as chat")
-    text_field: str = "text"
-    messages_field: str = "messages"
-    instruction_fields: InstructionFields = InstructionFields()
-    num_proc: PositiveInt | None = Field(
-        None, description="tokenizer processes; default one per core (up to 16) for large data")
-    streaming: bool = Field(
-        False, description="read files / the hub dataset as a stream, tokenized and packed on "
-                           "the fly, nothing cached (data too large to download or copy)")
-    seq_len: PositiveInt | None = Field(None, description="defaults to rope.target_context")
-    short_mix: LengthMix | None = None
-    max_tokens: PositiveInt | None = Field(None, description="stop reading after this many")
-    validation_sequences: NonNegativeInt = Field(
-        0, description="sequences held out of training; their loss is logged every eval_steps")
-    cache_dir: str | None = None
-
-
-class TrainingSection(_Section):
-    max_steps: PositiveInt = 1000
-    learning_rate: PositiveFloat = 2e-5
-    warmup_steps: NonNegativeInt = 20
-    lr_scheduler: Literal["constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
-    weight_decay: NonNegativeFloat = 0.0
-    adam_beta1: float = Field(0.9, gt=0.0, lt=1.0)
-    adam_beta2: float = Field(0.95, gt=0.0, lt=1.0)
-    max_grad_norm: NonNegativeFloat = 1.0
-    per_device_batch_size: PositiveInt = 1
-    gradient_accumulation_steps: PositiveInt = 1
-    gradient_checkpointing: bool = True
-    offload_checkpoints: bool = Field(
-        False, description="GPU only: keep the checkpointed layer inputs in pinned host memory")
-    precision: DType = "bf16"
-    seed: int = 42
-    save_steps: PositiveInt = 100
-    eval_steps: PositiveInt | None = Field(
-        None, description="loss on data.validation_sequences every N steps; default save_steps")
-    save_total_limit: PositiveInt | None = 2
-    logging_steps: PositiveInt = 1
-    deepspeed: str | None = Field(None, description="zero2 | zero3 | zero3_offload | a json path")
-    report_to: Literal["auto", "none", "tensorboard", "wandb"] = "auto"
-    chunked_loss: bool = True
-    loss_chunk_tokens: PositiveInt = 1024
-    s2_attn: bool = False
-    s2_group_fraction: float = Field(0.25, gt=0.0, le=1.0)
-
-
-class Recipe(_Section):
-    model: ModelSection
-    rope: RopeSection
-    lora: LoraSection = LoraSection()
-    data: DataSection = DataSection()
-    training: TrainingSection = TrainingSection()
-    output_dir: str
-
-    @property
-    def seq_len(self) -> int:
-        """Training sequence length: the target window unless the recipe says otherwise."""
-        return self.data.seq_len or self.rope.target_context
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-    def with_absolute_paths(self) -> Recipe:
-        """Local paths made absolute (hub ids and shipped names left alone), so the copy a
-        run directory keeps works from any directory: `pi-lora merge RUN` from elsewhere."""
-        model, data, training = self.model, self.data, self.training
-        updates = {
-            "model": model.model_copy(update={"name": _absolute_if_local(model.name),
-                                              "tokenizer": _absolute_if_local(model.tokenizer)}),
-            "data": data.model_copy(update={
-                "files": [_absolute(f) for f in data.files],
-                "cache_dir": _absolute(data.cache_dir) if data.cache_dir else None,
-                "dataset": data.dataset and data.dataset.model_copy(
-                    update={"name": _absolute_if_local(data.dataset.name)})}),
-            "training": training.model_copy(
-                update={"deepspeed": _absolute_if_local(training.deepspeed)}),
-        }
-        return self.model_copy(update=updates)
-
-
-def _absolute(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path))
-
-
-def _absolute_if_local(value: str | None) -> str | None:
-    """A path that exists here becomes absolute; anything else (a hub id) is kept."""
-    if value is None or not os.path.exists(os.path.expanduser(value)):
-        return value
-    return _absolute(value)
+__all__ = [
+    "SCALING_METHODS",
+    "SHIPPED_DEEPSPEED_DIR",
+    "DType",
+    "DataSection",
+    "DatasetSource",
+    "Extra",
+    "InstructionFields",
+    "LengthMix",
+    "Llama3Options",
+    "LoraSection",
+    "ModelSection",
+    "QuantizationSection",
+    "Recipe",
+    "RopeMethod",
+    "RopeSection",
+    "TrainingSection",
+    "YarnOptions",
+    "deep_merge",
+    "load_recipe",
+    "resolve_deepspeed_config",
+]
 
 
 # --------------------------------------------------------------------------- loading
@@ -225,8 +74,9 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         errors += _translate(exc)
+        errors += _cross_checks(_valid_sections(raw))
         raise RecipeErrors(source, errors) from None
-    errors += _cross_checks(recipe)
+    errors += _cross_checks({name: getattr(recipe, name) for name in _SECTIONS})
     if errors:
         raise RecipeErrors(source, errors)
     return recipe
@@ -330,35 +180,70 @@ def _translate(exc: ValidationError) -> list[PiLoraError]:
     return errors
 
 
-def _cross_checks(recipe: Recipe) -> list[PiLoraError]:
-    """Constraints between sections that single fields cannot express."""
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelSection, "rope": RopeSection, "lora": LoraSection, "data": DataSection,
+    "training": TrainingSection,
+}
+
+
+def _valid_sections(raw: dict[str, Any]) -> dict[str, Any]:
+    """The sections that validate on their own: cross-section checks still run on them when
+    another section has schema errors, so the user sees every problem in one pass."""
+    valid: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        value = raw.get(name, {} if name not in ("model", "rope") else None)
+        if isinstance(value, dict):
+            with contextlib.suppress(ValidationError):  # reported by the whole-recipe pass
+                valid[name] = cls.model_validate(value)
+    return valid
+
+
+def _cross_checks(sections: dict[str, Any]) -> list[PiLoraError]:
+    """Constraints between sections that single fields cannot express; each runs when the
+    sections it reads are valid."""
+    errors: list[PiLoraError] = []
+    data, rope, model, training = (sections.get(k) for k in ("data", "rope", "model", "training"))
+    if data is not None:
+        errors += _data_checks(data, rope)
+    if training is not None:
+        if training.global_batch_size is not None \
+                and "gradient_accumulation_steps" in training.model_fields_set:
+            errors.append(PiLoraError(
+                "set both with global_batch_size", field="training.gradient_accumulation_steps",
+                fix="drop it: accumulation follows from global_batch_size and the process count"))
+        if model is not None and training.deepspeed and model.quantization \
+                and model.quantization.bits == 8:
+            errors.append(PiLoraError(
+                "8-bit quantization cannot be sharded by ZeRO", field="model.quantization.bits",
+                fix="use bits: 4 with ZeRO-3, or drop training.deepspeed"))
+        if training.offload_checkpoints and not training.gradient_checkpointing:
+            errors.append(PiLoraError(
+                "offloads the checkpointed layer inputs, so it needs checkpointing",
+                field="training.offload_checkpoints",
+                fix="set training.gradient_checkpointing: true, or drop offload_checkpoints"))
+        errors += _check_deepspeed_path(training.deepspeed)
+    return errors
+
+
+def _data_checks(data: DataSection, rope: RopeSection | None) -> list[PiLoraError]:
     errors = []
-    if recipe.data.seq_len and recipe.data.seq_len > recipe.rope.target_context:
+    if rope is not None and data.seq_len and data.seq_len > rope.target_context:
         errors.append(PiLoraError(
-            f"{recipe.data.seq_len} exceeds rope.target_context {recipe.rope.target_context}",
+            f"{data.seq_len} exceeds rope.target_context {rope.target_context}",
             field="data.seq_len", fix="train at or below the target window"))
-    if recipe.data.short_mix and recipe.data.short_mix.seq_len >= recipe.seq_len:
+    seq_len = data.seq_len or (rope.target_context if rope is not None else None)
+    if data.short_mix and seq_len is not None and data.short_mix.seq_len >= seq_len:
         errors.append(PiLoraError(
             "must be shorter than the training length", field="data.short_mix.seq_len",
-            fix=f"use a length below {recipe.seq_len}"))
-    if recipe.data.streaming and recipe.data.short_mix:
+            fix=f"use a length below {seq_len}"))
+    if data.streaming and data.short_mix:
         errors.append(PiLoraError(
             "short_mix chooses blocks to cut among all of them, which a stream does not have",
             field="data.short_mix", fix="drop short_mix, or set data.streaming: false"))
-    if not recipe.data.files and recipe.data.dataset is None:
+    if not data.files and data.dataset is None:
         errors.append(PiLoraError(
             "no training data", field="data",
             fix="give data.files (txt/jsonl/parquet) or data.dataset.name"))
-    if recipe.training.deepspeed and recipe.model.quantization and recipe.model.quantization.bits == 8:
-        errors.append(PiLoraError(
-            "8-bit quantization cannot be sharded by ZeRO", field="model.quantization.bits",
-            fix="use bits: 4 with ZeRO-3, or drop training.deepspeed"))
-    if recipe.training.offload_checkpoints and not recipe.training.gradient_checkpointing:
-        errors.append(PiLoraError(
-            "offloads the checkpointed layer inputs, so it needs checkpointing",
-            field="training.offload_checkpoints",
-            fix="set training.gradient_checkpointing: true, or drop offload_checkpoints"))
-    errors += _check_deepspeed_path(recipe.training.deepspeed)
     return errors
 
 

@@ -132,7 +132,7 @@ def training_arguments(recipe: Recipe, run: RunDir,
         warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
         max_grad_norm=t.max_grad_norm, per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=t.accumulation_steps(_world_size()),
         **_checkpointing_arguments(TrainingArguments, t.gradient_checkpointing),
         bf16=t.precision == "bf16", fp16=t.precision == "fp16", seed=t.seed, data_seed=t.seed,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
@@ -222,7 +222,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
         print(f"pi-lora: {recipe.model.name} {plan.method} x{plan.factor:g} "
               f"({plan.original_context} -> {plan.target_context}), "
               f"{built.sequences if built.sequences is not None else 'a stream of'} sequences "
-              f"of {lengths}, trainable {trainable:,} / {total:,}", flush=True)
+              f"of {lengths}, global batch {recipe.training.global_batch(_world_size())} "
+              f"({recipe.training.per_device_batch_size} x {_world_size()} processes x "
+              f"{recipe.training.accumulation_steps(_world_size())} accumulation), "
+              f"trainable {trainable:,} / {total:,}", flush=True)
         _report_conversations(built, recipe.seq_len)
     checkpoint = run.latest_checkpoint() if resume else None
     if checkpoint is not None and is_main:
@@ -265,8 +268,7 @@ def _build_trainer(recipe: Recipe, run: RunDir, args: Any, model: Any, tokenizer
     from pi_lora.model import extras_parameter_names
 
     # real tokens, not seq_len x rows: short_mix rows and chat packs are shorter
-    tokens_per_step = (built.tokens_per_sequence * recipe.training.per_device_batch_size
-                       * recipe.training.gradient_accumulation_steps * _world_size())
+    tokens_per_step = built.tokens_per_sequence * recipe.training.global_batch(_world_size())
     t = recipe.training
     trainer = trainer_class()(
         model=model, args=args, train_dataset=built.train, eval_dataset=built.validation,
@@ -320,6 +322,5 @@ def _start_facts(recipe: Recipe, plan: RopePlan, extras: list[str], trainable: i
 
 
 def _epochs(recipe: Recipe, sequences: int) -> float:
-    per_step = (recipe.training.per_device_batch_size
-                * recipe.training.gradient_accumulation_steps * _world_size())
+    per_step = recipe.training.global_batch(_world_size())
     return math.ceil(recipe.training.max_steps * per_step / max(sequences, 1) * 100) / 100

@@ -28,6 +28,7 @@ LAYER: dict[str, int] = {
     "digest": 0,
     "quiet": 0,
     # 1: the typed input
+    "schema": 1,  # the recipe's pydantic sections
     "recipe": 1,
     # 2: what the recipe means for a model
     "dtypes": 2,

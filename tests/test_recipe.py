@@ -11,7 +11,8 @@ from pi_lora.cli import main
 from pi_lora.errors import PiLoraError, RecipeErrors
 from pi_lora.recipe import Recipe, deep_merge, load_recipe
 
-RECIPES = sorted(Path(__file__).resolve().parent.parent.glob("recipes/**/*.yaml"))
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = sorted(RECIPE_DIR.glob("**/*.yaml"))
 CONCRETE = [p for p in RECIPES if "base" not in p.parts]
 
 
@@ -120,3 +121,32 @@ def test_a_stream_cannot_short_mix(tmp_path: Path) -> None:
     with pytest.raises(RecipeErrors) as info:
         load_recipe(_write(tmp_path, bad))
     assert [e.field for e in info.value.errors] == ["data.short_mix"]
+
+
+def test_cross_section_errors_come_with_the_schema_errors(tmp_path: Path) -> None:
+    """One pass shows every problem: a schema error elsewhere does not hide these."""
+    bad = deep_merge(BASE, {"lora": {"r": -1}, "data": {"seq_len": 20000},
+                            "training": {"deepspeed": "zero9"}})
+    with pytest.raises(RecipeErrors) as info:
+        load_recipe(_write(tmp_path, bad))
+    assert {e.field for e in info.value.errors} == {"lora.r", "data.seq_len", "training.deepspeed"}
+
+
+def test_global_batch_follows_the_process_count(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The paper's global batch 64 on any GPU count that divides it; plan shows it."""
+    recipe = load_recipe(RECIPE_DIR / "llama2-13b-16k.yaml")
+    training = recipe.training
+    assert [training.accumulation_steps(n) for n in (1, 4, 8, 16)] == [64, 16, 8, 4]
+    assert {training.global_batch(n) for n in (1, 4, 8, 16)} == {64}
+    with pytest.raises(PiLoraError, match="not a multiple") as info:
+        training.accumulation_steps(3)
+    assert info.value.field == "training.global_batch_size"
+    assert main(["plan", str(RECIPE_DIR / "llama2-13b-16k.yaml"), "--gpus", "4"]) == 0
+    assert "accumulation 16, global batch 64" in capsys.readouterr().out
+    assert main(["plan", str(RECIPE_DIR / "llama2-13b-16k.yaml"), "--gpus", "3"]) == 2
+    both = deep_merge(BASE, {"training": {"global_batch_size": 64,
+                                          "gradient_accumulation_steps": 8}})
+    with pytest.raises(RecipeErrors) as errors:
+        load_recipe(_write(tmp_path, both))
+    assert [e.field for e in errors.value.errors] == ["training.gradient_accumulation_steps"]

@@ -74,3 +74,12 @@ def test_trains_from_a_stream(tiny_models, write_recipe) -> None:
     facts = run.read_facts()
     assert facts.status == "complete" and facts.steps == 3
     assert facts.train_sequences is None and facts.data_cache is None
+
+
+def test_accumulation_follows_the_global_batch(tiny_models, write_recipe, tmp_path: Path) -> None:
+    from pi_lora.train import training_arguments
+
+    path = write_recipe(tiny_models("llama"), training={"global_batch_size": 8,
+                                                        "per_device_batch_size": 2})
+    args = training_arguments(load_recipe(path), RunDir(tmp_path / "run"))
+    assert args.gradient_accumulation_steps == 4  # 8 / (2 per device x 1 process)

@@ -69,7 +69,12 @@ def candidates(recipe: Recipe, setup: Setup, fits: bool) -> list[Candidate]:
         found.append(Candidate("FlashAttention-2", ("model.attn_implementation=flash_attention_2",),
                                "faster fused attention (pip install flash-attn)",
                                _model(attn_implementation="flash_attention_2")))
-    if t.per_device_batch_size > 1:
+    if t.per_device_batch_size > 1 and t.global_batch_size is not None:
+        found.append(Candidate(
+            "1 sequence per device", ("training.per_device_batch_size=1",),
+            "same global batch (more accumulation), activations of one sequence",
+            _training(per_device_batch_size=1)))
+    elif t.per_device_batch_size > 1:
         accum = t.gradient_accumulation_steps * t.per_device_batch_size
         found.append(Candidate(
             "1 sequence per device",

@@ -33,6 +33,7 @@ def render_table(plan: Plan) -> str:
         f"({shape.trainable_params / 1e6:.1f}M trainable: LoRA {shape.lora_params / 1e6:.1f}M "
         f"+ extras {shape.extras_params / 1e6:.1f}M); config from {plan.config_source}",
         f"step: {s.batch} x {s.seq_len:,} tokens per device, accumulation {s.grad_accum}, "
+        f"global batch {s.batch * s.grad_accum * s.world}, "
         f"{s.tokens_per_step:,} tokens per optimizer step; "
         f"ZeRO-{s.zero_stage}{' + offload' if s.offload else ''}"
         f"{', checkpointing' if s.checkpointing else ''}"

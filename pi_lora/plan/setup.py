@@ -60,7 +60,7 @@ def setup_from_recipe(recipe: Recipe, *, gpus: int, nodes: int, device_kind: str
     quant = m.quantization
     return Setup(
         seq_len=recipe.seq_len, batch=t.per_device_batch_size,
-        grad_accum=t.gradient_accumulation_steps, max_steps=t.max_steps,
+        grad_accum=t.accumulation_steps(gpus * nodes), max_steps=t.max_steps,
         gpus_per_node=gpus, nodes=nodes, zero_stage=stage, offload=offload,
         checkpointing=t.gradient_checkpointing, offload_checkpoints=t.offload_checkpoints,
         chunked_loss=t.chunked_loss,

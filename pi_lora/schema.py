@@ -1,0 +1,223 @@
+"""The recipe schema: typed sections where every default lives (pydantic, extra keys are
+errors). Loading, inheritance, overrides and cross-section checks are pi_lora.recipe's."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, get_args
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
+
+from pi_lora.errors import PiLoraError
+
+DType = Literal["bf16", "fp16", "fp32"]
+RopeMethod = Literal["linear", "ntk", "dynamic", "yarn", "llama3", "none"]
+# the methods that extend the window (every RopeMethod but "none"): the one list of them
+SCALING_METHODS: tuple[str, ...] = tuple(m for m in get_args(RopeMethod) if m != "none")
+Extra = Literal["embeddings", "norms", "lm_head"]
+# package data (the repository's top-level deepspeed_configs/ links here), so a wheel has them
+SHIPPED_DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed_configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class QuantizationSection(_Section):
+    """bitsandbytes quantization of the frozen base (QLoRA)."""
+
+    bits: Literal[4, 8]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class ModelSection(_Section):
+    name: str = Field(description="hub id, local directory, or directory holding `gguf_file`")
+    gguf_file: str | None = None
+    revision: str | None = None
+    tokenizer: str | None = Field(None, description="defaults to `name`")
+    dtype: DType = "bf16"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+    quantization: QuantizationSection | None = None
+
+
+class YarnOptions(_Section):
+    beta_fast: PositiveFloat = 32.0
+    beta_slow: PositiveFloat = 1.0
+    attention_factor: PositiveFloat | None = None
+
+
+class Llama3Options(_Section):
+    low_freq_factor: PositiveFloat = 1.0
+    high_freq_factor: PositiveFloat = 4.0
+
+
+class RopeSection(_Section):
+    method: RopeMethod
+    target_context: PositiveInt
+    original_context: PositiveInt | None = Field(
+        None, description="pretraining window; read from the model config when omitted"
+    )
+    yarn: YarnOptions = YarnOptions()
+    llama3: Llama3Options = Llama3Options()
+
+
+class LoraSection(_Section):
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: NonNegativeFloat = 0.05
+    target_modules: list[str] | None = Field(None, description="per-architecture default")
+    trainable_extras: list[Extra] = Field(
+        default_factory=list, description="LongLoRA 'LoRA+': also train embeddings / norms"
+    )
+
+
+class DatasetSource(_Section):
+    """A split of a hub dataset: a recipe's training data, and `pi-lora eval`'s documents."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    revision: str | None = None
+
+
+class LengthMix(_Section):
+    """A share of training sequences cut at a shorter length (keeps short-range skills)."""
+
+    seq_len: PositiveInt
+    fraction: float = Field(gt=0.0, lt=1.0)
+
+
+class InstructionFields(_Section):
+    """Columns of alpaca-style instruction data (LongAlpaca ships this way)."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+
+
+class DataSection(_Section):
+    files: list[str] = Field(default_factory=list, description=".txt, .jsonl/.json, .parquet")
+    dataset: DatasetSource | None = None
+    format: Literal["pretrain", "chat", "instruction"] = Field(
+        "pretrain", description="pretrain: concatenate + chunk; chat: `messages` with loss on the "
+                                "assistant turns; instruction: alpaca-style columns, as chat")
+    text_field: str = "text"
+    messages_field: str = "messages"
+    instruction_fields: InstructionFields = InstructionFields()
+    num_proc: PositiveInt | None = Field(
+        None, description="tokenizer processes; default one per core (up to 16) for large data")
+    streaming: bool = Field(
+        False, description="read files / the hub dataset as a stream, tokenized and packed on "
+                           "the fly, nothing cached (data too large to download or copy)")
+    seq_len: PositiveInt | None = Field(None, description="defaults to rope.target_context")
+    short_mix: LengthMix | None = None
+    max_tokens: PositiveInt | None = Field(None, description="stop reading after this many")
+    validation_sequences: NonNegativeInt = Field(
+        0, description="sequences held out of training; their loss is logged every eval_steps")
+    cache_dir: str | None = None
+
+
+class TrainingSection(_Section):
+    max_steps: PositiveInt = 1000
+    learning_rate: PositiveFloat = 2e-5
+    warmup_steps: NonNegativeInt = 20
+    lr_scheduler: Literal["constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    weight_decay: NonNegativeFloat = 0.0
+    adam_beta1: float = Field(0.9, gt=0.0, lt=1.0)
+    adam_beta2: float = Field(0.95, gt=0.0, lt=1.0)
+    max_grad_norm: NonNegativeFloat = 1.0
+    per_device_batch_size: PositiveInt = 1
+    gradient_accumulation_steps: PositiveInt = 1
+    global_batch_size: PositiveInt | None = Field(
+        None, description="sequences per optimizer step over all processes; accumulation is "
+                          "derived from the process count (instead of gradient_accumulation_steps)")
+    gradient_checkpointing: bool = True
+    offload_checkpoints: bool = Field(
+        False, description="GPU only: keep the checkpointed layer inputs in pinned host memory")
+    precision: DType = "bf16"
+    seed: int = 42
+    save_steps: PositiveInt = 100
+    eval_steps: PositiveInt | None = Field(
+        None, description="loss on data.validation_sequences every N steps; default save_steps")
+    save_total_limit: PositiveInt | None = 2
+    logging_steps: PositiveInt = 1
+    deepspeed: str | None = Field(None, description="zero2 | zero3 | zero3_offload | a json path")
+    report_to: Literal["auto", "none", "tensorboard", "wandb"] = "auto"
+    chunked_loss: bool = True
+    loss_chunk_tokens: PositiveInt = 1024
+    s2_attn: bool = False
+    s2_group_fraction: float = Field(0.25, gt=0.0, le=1.0)
+
+
+    def accumulation_steps(self, processes: int) -> int:
+        """Micro-steps per optimizer step on `processes` data-parallel processes."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        per_micro_step = self.per_device_batch_size * processes
+        if self.global_batch_size % per_micro_step:
+            raise PiLoraError(
+                f"global batch {self.global_batch_size} is not a multiple of {per_micro_step} "
+                f"({self.per_device_batch_size} per device x {processes} processes)",
+                field="training.global_batch_size",
+                fix="choose a global batch divisible by per_device_batch_size x processes")
+        return self.global_batch_size // per_micro_step
+
+    def global_batch(self, processes: int) -> int:
+        return self.per_device_batch_size * processes * self.accumulation_steps(processes)
+
+
+class Recipe(_Section):
+    model: ModelSection
+    rope: RopeSection
+    lora: LoraSection = LoraSection()
+    data: DataSection = DataSection()
+    training: TrainingSection = TrainingSection()
+    output_dir: str
+
+    @property
+    def seq_len(self) -> int:
+        """Training sequence length: the target window unless the recipe says otherwise."""
+        return self.data.seq_len or self.rope.target_context
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def with_absolute_paths(self) -> Recipe:
+        """Local paths made absolute (hub ids and shipped names left alone), so the copy a
+        run directory keeps works from any directory: `pi-lora merge RUN` from elsewhere."""
+        model, data, training = self.model, self.data, self.training
+        updates = {
+            "model": model.model_copy(update={"name": _absolute_if_local(model.name),
+                                              "tokenizer": _absolute_if_local(model.tokenizer)}),
+            "data": data.model_copy(update={
+                "files": [_absolute(f) for f in data.files],
+                "cache_dir": _absolute(data.cache_dir) if data.cache_dir else None,
+                "dataset": data.dataset and data.dataset.model_copy(
+                    update={"name": _absolute_if_local(data.dataset.name)})}),
+            "training": training.model_copy(
+                update={"deepspeed": _absolute_if_local(training.deepspeed)}),
+        }
+        return self.model_copy(update=updates)
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _absolute_if_local(value: str | None) -> str | None:
+    """A path that exists here becomes absolute; anything else (a hub id) is kept."""
+    if value is None or not os.path.exists(os.path.expanduser(value)):
+        return value
+    return _absolute(value)
