@@ -222,6 +222,27 @@ def _cross_checks(sections: dict[str, Any]) -> list[PiLoraError]:
                 field="training.offload_checkpoints",
                 fix="set training.gradient_checkpointing: true, or drop offload_checkpoints"))
         errors += _check_deepspeed_path(training.deepspeed)
+        errors += _s2_checks(training, model, data)
+    return errors
+
+
+def _s2_checks(training: Any, model: Any, data: Any) -> list[PiLoraError]:
+    """S2-Attn is its own attention (on sdpa) and needs one causal sequence per row: it
+    would replace FlashAttention-2 and fall back to full attention on packed conversations,
+    both silently, so both are refused."""
+    if not training.s2_attn:
+        return []
+    errors = []
+    if model is not None and model.attn_implementation == "flash_attention_2":
+        errors.append(PiLoraError(
+            "S2-Attn replaces the attention kernel, so flash_attention_2 would not run",
+            field="training.s2_attn", fix="use model.attn_implementation: sdpa with S2-Attn, or "
+                                          "drop s2_attn to train with FlashAttention-2"))
+    if data is not None and data.format != "pretrain":
+        errors.append(PiLoraError(
+            f"S2-Attn attends in fixed groups of one sequence; {data.format} data is packed "
+            "conversations (a block-diagonal mask), where it would run full attention instead",
+            field="training.s2_attn", fix="drop s2_attn for chat/instruction data"))
     return errors
 
 

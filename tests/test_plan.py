@@ -226,3 +226,23 @@ def test_offloaded_checkpoints_leave_one_layer_on_the_device() -> None:
     assert moved.memory.host_bytes_per_node - plain.memory.host_bytes_per_node == \
         shape.layers * layer_input * 8
     assert moved.time.offload_seconds > plain.time.offload_seconds
+
+
+def test_plan_and_recipe_agree_on_the_attention_path(tmp_path: Path) -> None:
+    """S2-Attn runs on sdpa: no FlashAttention-2 credit or advice beside it; a recipe asking
+    for both, or S2-Attn on packed conversations, is refused instead of silently changed."""
+    from pi_lora.errors import RecipeErrors
+
+    s2 = load_recipe(REPO / "recipes/llama2-7b-32k.yaml")
+    plan = plan_recipe(s2, get_device("h100-80gb"), gpus=8)
+    assert "FlashAttention-2" not in {r.name for r in plan.recommendations}
+    assert any("sdpa attention" in note for note in plan.time.notes)
+    fa2 = load_recipe(REPO / "recipes/llama2-7b-8k.yaml",
+                      ["model.attn_implementation=flash_attention_2"])
+    advice = {r.name: r for r in plan_recipe(fa2, get_device("h100-80gb"), gpus=8).recommendations}
+    if "S2-Attn" in advice:
+        assert "model.attn_implementation=sdpa" in advice["S2-Attn"].overrides
+    for override in ("model.attn_implementation=flash_attention_2", "data.format=chat"):
+        with pytest.raises(RecipeErrors) as info:
+            load_recipe(REPO / "recipes/llama2-7b-32k.yaml", [override])
+        assert [e.field for e in info.value.errors] == ["training.s2_attn"]

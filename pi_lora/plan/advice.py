@@ -28,6 +28,11 @@ def _training(**changes: object) -> Callable[[Recipe], Recipe]:
     return apply
 
 
+def _both(first: Callable[[Recipe], Recipe],
+          second: Callable[[Recipe], Recipe]) -> Callable[[Recipe], Recipe]:
+    return lambda recipe: second(first(recipe))
+
+
 def _model(**changes: object) -> Callable[[Recipe], Recipe]:
     def apply(recipe: Recipe) -> Recipe:
         return recipe.model_copy(update={"model": recipe.model.model_copy(update=changes)})
@@ -61,11 +66,14 @@ def candidates(recipe: Recipe, setup: Setup, fits: bool) -> list[Candidate]:
         found.append(Candidate("QLoRA (nf4 base)", ("model.quantization.bits=4",),
                                "4-bit frozen base; slower matmuls, small quality cost",
                                _model(quantization=QuantizationSection(bits=4))))
-    if not t.s2_attn:
-        found.append(Candidate("S2-Attn", ("training.s2_attn=true",),
-                               "attention in groups of T/4 (training only, LongLoRA)",
-                               _training(s2_attn=True)))
-    if recipe.model.attn_implementation != "flash_attention_2" and setup.device_kind == "gpu":
+    if not t.s2_attn and recipe.data.format == "pretrain":  # packed conversations: no S2
+        fa2 = recipe.model.attn_implementation == "flash_attention_2"
+        found.append(Candidate(
+            "S2-Attn", ("training.s2_attn=true",) + (("model.attn_implementation=sdpa",) if fa2 else ()),
+            "attention in groups of T/4 (training only, LongLoRA; runs on sdpa)",
+            _both(_training(s2_attn=True), _model(attn_implementation="sdpa"))))
+    if (recipe.model.attn_implementation != "flash_attention_2" and not t.s2_attn
+            and setup.device_kind == "gpu"):  # S2-Attn replaces the attention kernel
         found.append(Candidate("FlashAttention-2", ("model.attn_implementation=flash_attention_2",),
                                "faster fused attention (pip install flash-attn)",
                                _model(attn_implementation="flash_attention_2")))
