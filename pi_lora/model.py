@@ -156,6 +156,40 @@ def compute_4bit_as_trained(model: Any) -> int:
     return switched
 
 
+def attention_window(config: Any) -> int | None:
+    """Tokens a layer attends back (None: the whole context), as transformers reads it."""
+    layer_types = getattr(config, "layer_types", None)
+    if getattr(config, "use_sliding_window", True) is False or (
+            layer_types and "sliding_attention" not in layer_types):
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+def apply_sliding_window(config: Any, model: ModelSection) -> None:
+    """The recipe's `model.sliding_window` into the config (before weights load, and so into
+    the release): a PI-extended model whose layers still look 4096 back is not 32k."""
+    if model.sliding_window is None:
+        return
+    layer_types = list(getattr(config, "layer_types", None) or ())
+    switchable = hasattr(config, "use_sliding_window")  # Qwen2-style: one switch for all
+    if model.sliding_window == "none":
+        if "sliding_attention" in layer_types and not switchable:
+            raise PiLoraError(
+                f"{config.model_type} interleaves local (sliding) and global layers",
+                field="model.sliding_window",
+                fix="give the local layers' window in tokens, or leave it unset")
+        if switchable:
+            config.use_sliding_window = False
+        if layer_types:
+            config.layer_types = ["full_attention"] * len(layer_types)
+        config.sliding_window = None
+        return
+    if attention_window(config) is None and (switchable or layer_types):
+        raise PiLoraError(f"{config.model_type} as configured attends to the whole context",
+                          field="model.sliding_window", fix="leave it unset (or `none`)")
+    config.sliding_window = model.sliding_window
+
+
 def load_model(
     model: ModelSection,
     plan: RopePlan | None,
@@ -172,6 +206,7 @@ def load_model(
     config = load_config(model)
     if plan is not None:
         apply_rope(config, plan)
+    apply_sliding_window(config, model)
     kwargs = _common_kwargs(model, source)
     kwargs.update(config=config, dtype=TORCH_DTYPES[dtype or model.dtype],
                   attn_implementation=model.attn_implementation)

@@ -50,6 +50,9 @@ class ModelSection(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
     quantization: QuantizationSection | None = None
+    sliding_window: PositiveInt | Literal["none"] | None = Field(
+        None, description="tokens each layer attends back: unset keeps the model's, `none` "
+                          "attends over the whole (extended) context")
 
 
 class YarnOptions(_Section):

@@ -14,7 +14,7 @@ import torch
 from pi_lora.data import expand_files
 from pi_lora.errors import PiLoraError
 from pi_lora.known_models import config_for_planning
-from pi_lora.model import count_parameters, wrap_lora
+from pi_lora.model import apply_sliding_window, attention_window, count_parameters, wrap_lora
 from pi_lora.recipe import Recipe, RopeSection, resolve_deepspeed_config
 from pi_lora.rope import plan_rope
 
@@ -50,6 +50,7 @@ def validate_recipe(recipe: Recipe) -> str:
         ]
         if plan.existing:
             lines.append(f"existing scaling: {plan.existing}")
+        lines.append(_window_line(recipe, config))
         trainable, total = count_trainable(recipe, config)
         lines.append(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.3%})")
     lines.append(f"training sequence length: {recipe.seq_len}")
@@ -81,3 +82,16 @@ def _stated_rope_only(rope: RopeSection, unchecked: list[str]) -> list[str]:
     factor = rope.target_context / rope.original_context
     return [f"rope method: {rope.method}",
             f"factor: {factor:.4g} ({rope.original_context} -> {rope.target_context}, as stated)"]
+
+
+def _window_line(recipe: Recipe, config: Any) -> str:
+    """Per-layer attention reach: a sliding window the extension does not widen caps it."""
+    before = attention_window(config)
+    apply_sliding_window(config, recipe.model)
+    after = attention_window(config)
+    text = "whole context" if after is None else f"{after} tokens"
+    if after is not None and after < recipe.rope.target_context:
+        text += f" (below the target {recipe.rope.target_context}: set model.sliding_window)"
+    changed = " (model: " + ("whole context" if before is None else f"{before}") + ")" \
+        if before != after else ""
+    return f"attention window per layer: {text}{changed}"

@@ -150,3 +150,14 @@ def test_global_batch_follows_the_process_count(tmp_path: Path,
     with pytest.raises(RecipeErrors) as errors:
         load_recipe(_write(tmp_path, both))
     assert [e.field for e in errors.value.errors] == ["training.gradient_accumulation_steps"]
+
+
+def test_shipped_recipes_attend_over_their_target(capsys: pytest.CaptureFixture[str]) -> None:
+    """validate states every shipped recipe's per-layer attention reach; none is capped
+    below its target by a sliding window it forgot (Mistral-7B-v0.1: 4096)."""
+    for path in RECIPES:
+        if path.parent.name in ("base", "demo") or path.name == "tiny.yaml":
+            continue
+        assert main(["validate", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "attention window per layer:" in out and "below the target" not in out, path.name

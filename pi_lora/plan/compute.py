@@ -54,7 +54,10 @@ def flops_per_token(shape: ModelShape, setup: Setup) -> float:
 
 
 def model_flops_per_token(shape: ModelShape, setup: Setup) -> float:
-    return 6 * shape.matmul_params + 12 * shape.layers * shape.hidden * setup.seq_len
+    """6N + 12 L D T; a sliding window W < T caps the attention term at W."""
+    reach = setup.seq_len if shape.attention_window is None \
+        else min(setup.seq_len, shape.attention_window)
+    return 6 * shape.matmul_params + 12 * shape.layers * shape.hidden * reach
 
 
 def assumed_mfu(setup: Setup, device: Device) -> tuple[float, list[str]]:

@@ -31,7 +31,8 @@ def render_table(plan: Plan) -> str:
         f"pi-lora plan: {plan.recipe_name} on {s.nodes} node(s) x {s.gpus_per_node} {plan.device.name}",
         f"model: {shape.model_type}, {shape.total_params / 1e9:.2f}B parameters "
         f"({shape.trainable_params / 1e6:.1f}M trainable: LoRA {shape.lora_params / 1e6:.1f}M "
-        f"+ extras {shape.extras_params / 1e6:.1f}M); config from {plan.config_source}",
+        f"+ extras {shape.extras_params / 1e6:.1f}M); config from {plan.config_source}; "
+        f"attention window {_window(shape.attention_window, s.seq_len)}",
         f"step: {s.batch} x {s.seq_len:,} tokens per device, accumulation {s.grad_accum}, "
         f"global batch {s.batch * s.grad_accum * s.world}, "
         f"{s.tokens_per_step:,} tokens per optimizer step; "
@@ -115,3 +116,10 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "time": {"formula": FORMULA, **asdict(plan.time)},
         "recommendations": [asdict(r) for r in plan.recommendations],
     }
+
+
+def _window(window: int | None, seq_len: int) -> str:
+    if window is None:
+        return "whole context"
+    short = " (below the training length: set model.sliding_window)" if window < seq_len else ""
+    return f"{window:,} tokens{short}"

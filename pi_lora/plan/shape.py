@@ -7,6 +7,7 @@ knows; the layer dimensions come from the config.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ class ModelShape:
     quantizable_params: int  # frozen linear weights inside the decoder layers
     lora_input_features: int  # sum of in_features of the LoRA-wrapped linears, per layer
     head_trainable: bool  # lm_head gets a gradient (lm_head extra, or tied + embeddings)
+    attention_window: int | None = None  # tokens a layer attends back; None: whole context
 
     @property
     def kv_dim(self) -> int:
@@ -59,8 +61,15 @@ def model_shape(recipe: Recipe, config: Any) -> ModelShape:
     """Dimensions from the config; counts from a meta-device build wrapped like training."""
     from transformers import AutoModelForCausalLM
 
-    from pi_lora.model import extras_parameter_names, wrap_lora
+    from pi_lora.model import (
+        apply_sliding_window,
+        attention_window,
+        extras_parameter_names,
+        wrap_lora,
+    )
 
+    config = copy.deepcopy(config)
+    apply_sliding_window(config, recipe.model)  # as training will run it
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config)
     model = wrap_lora(base, recipe.lora, gradient_checkpointing=False)
@@ -86,6 +95,7 @@ def model_shape(recipe: Recipe, config: Any) -> ModelShape:
         quantizable_params=_decoder_linear_params(model),
         lora_input_features=_lora_input_features(model, config.num_hidden_layers),
         head_trainable=head is not None and head.weight.requires_grad,
+        attention_window=attention_window(config),
     )
 
 
