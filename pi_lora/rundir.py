@@ -63,6 +63,7 @@ class RunFacts(BaseModel):
     data_cache: str | None
     epochs_for_max_steps: float | None
     cpu_allocator: str | None = None  # None on GPU
+    loss: str | None = None  # "chunked: ..." or "plain: <why>" (pi_lora.trainer.loss_route)
     provenance: RunProvenance = RunProvenance()
     final_loss: float | None = None
     train_loss: float | None = None

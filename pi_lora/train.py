@@ -38,7 +38,7 @@ from pi_lora.provenance import IdentityJob, software
 from pi_lora.recipe import DataSection, Recipe, resolve_deepspeed_config
 from pi_lora.rope import RopePlan, plan_rope
 from pi_lora.rundir import EXTRAS_FILE, RunDir, RunFacts, RunProvenance
-from pi_lora.trainer import trainer_class
+from pi_lora.trainer import loss_route, trainer_class
 
 
 def check_training_device(recipe: Recipe) -> None:
@@ -216,6 +216,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     trainable, total = count_parameters(model)
     if is_main:
         facts = _start_facts(recipe, plan, trainer.extras_names, trainable, total, built, allocator)
+        facts.loss = loss_route(model, recipe.training.chunked_loss)[1]
         run.write_facts(facts)
         mix = recipe.data.short_mix
         lengths = f"{recipe.seq_len}" + (f" ({mix.fraction:.0%} cut to {mix.seq_len})" if mix else "")
@@ -227,6 +228,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
               f"{recipe.training.accumulation_steps(_world_size())} accumulation), "
               f"trainable {trainable:,} / {total:,}", flush=True)
         _report_conversations(built, recipe.seq_len)
+        print(f"pi-lora: loss {facts.loss}", flush=True)
     checkpoint = run.latest_checkpoint() if resume else None
     if checkpoint is not None and is_main:
         _forget_metrics_after(run, _checkpoint_step(checkpoint))
@@ -270,11 +272,12 @@ def _build_trainer(recipe: Recipe, run: RunDir, args: Any, model: Any, tokenizer
     # real tokens, not seq_len x rows: short_mix rows and chat packs are shorter
     tokens_per_step = built.tokens_per_sequence * recipe.training.global_batch(_world_size())
     t = recipe.training
+    chunked, _ = loss_route(model, t.chunked_loss)
     trainer = trainer_class()(
         model=model, args=args, train_dataset=built.train, eval_dataset=built.validation,
         data_collator=PackedCollator(tokenizer.pad_token_id),
         callbacks=[_progress_callback(run, tokens_per_step, _is_main())],
-        chunk_tokens=t.loss_chunk_tokens if t.chunked_loss else None,
+        chunk_tokens=t.loss_chunk_tokens if chunked else None,
         offload_checkpoints=t.offload_checkpoints,
         extras_names=tuple(extras_parameter_names(model, recipe.lora.trainable_extras)))
     trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts

@@ -32,6 +32,8 @@ class ChunkedLoss:
         self.chunk_tokens = chunk_tokens
         self.offload_checkpoints = offload_checkpoints
         super().__init__(*args, **kwargs)
+        if chunk_tokens is not None:  # before accelerate wraps the forward (autocast, DDP)
+            _install_chunked_forward(self.model, chunk_tokens)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -50,21 +52,24 @@ class ChunkedLoss:
 
     def _loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool,
               num_items_in_batch: Any) -> Any:
-        head = _sharded_output_head(self.model)
-        # DDP syncs gradients only through its own forward, which the chunked path bypasses
-        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        if (self.chunk_tokens is None or return_outputs or ddp
-                or (head is not None and head.weight.requires_grad)):
-            # a trainable ZeRO-3 head must go through the module's forward to get its grads
+        if self.chunk_tokens is None or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from pi_lora.loss import causal_lm_loss
+        batch = {key: inputs.get(key) for key in
+                 ("input_ids", "labels", "attention_mask", "position_ids")}
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            # DDP prepares its gradient reducer only inside its own forward: run it there
+            with self._mixed_precision():
+                loss = model(**batch, num_items_in_batch=num_items_in_batch,
+                             pi_lora_chunked=True).loss
+        else:
+            from pi_lora.loss import causal_lm_loss
 
-        with _gathered(head), self._mixed_precision():
-            loss = causal_lm_loss(
-                model, inputs["input_ids"], inputs["labels"],
-                attention_mask=inputs.get("attention_mask"),
-                position_ids=inputs.get("position_ids"),
-                num_items_in_batch=num_items_in_batch, chunk_tokens=self.chunk_tokens)
+            with _gathered(_sharded_output_head(self.model)), self._mixed_precision():
+                loss = causal_lm_loss(model, batch["input_ids"], batch["labels"],
+                                      attention_mask=batch["attention_mask"],
+                                      position_ids=batch["position_ids"],
+                                      num_items_in_batch=num_items_in_batch,
+                                      chunk_tokens=self.chunk_tokens)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return loss
@@ -117,6 +122,41 @@ class MasterWeightsSave:
             super().save_model(output_dir, _internal_call)
             return
         self._save(output_dir or self.args.output_dir, state_dict=gather_trainable(self.model))
+
+
+def _install_chunked_forward(module: Any, chunk_tokens: int) -> None:
+    """`module(..., pi_lora_chunked=True)` returns the chunked loss from inside the module's
+    own forward, which is where DDP's reducer expects the graph to be built."""
+    original = module.forward
+
+    def forward(*args: Any, pi_lora_chunked: bool = False, **kwargs: Any) -> Any:
+        if not pi_lora_chunked:
+            return original(*args, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        from pi_lora.loss import causal_lm_loss
+
+        loss = causal_lm_loss(module, kwargs["input_ids"], kwargs["labels"],
+                              attention_mask=kwargs.get("attention_mask"),
+                              position_ids=kwargs.get("position_ids"),
+                              num_items_in_batch=kwargs.get("num_items_in_batch"),
+                              chunk_tokens=chunk_tokens)
+        return CausalLMOutputWithPast(loss=loss)
+
+    module.forward = forward
+
+
+def loss_route(model: Any, chunked: bool) -> tuple[bool, str]:
+    """(chunked?, what the run and its run.json say): the chunked loss everywhere but where
+    ZeRO-3 shards a trainable output head, whose gradient only the module's own forward
+    produces (LoRA+ with tied embeddings, or the lm_head extra)."""
+    if not chunked:
+        return False, "plain: training.chunked_loss is false ([tokens x vocab] logits)"
+    head = _sharded_output_head(model)
+    if head is not None and head.weight.requires_grad:
+        return False, ("plain: ZeRO-3 shards a trainable output head ([tokens x vocab] "
+                       "logits; drop the lm_head extra or untie it to chunk)")
+    return True, "chunked: no [tokens x vocab] logits"
 
 
 def trainer_class() -> type:

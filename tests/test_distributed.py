@@ -137,6 +137,43 @@ def test_zero3_two_processes_save_what_one_process_saves(zero3_run: Path,
     assert RunDir(zero3_run).read_facts().world_size == 2
 
 
+def test_ddp_trains_through_the_chunked_loss_on_every_rank(
+        recipes: Any, single_process_run: Path, tmp_path: Path) -> None:
+    """torchrun, 2 processes, no DeepSpeed: each rank computes the chunked loss inside DDP's
+    forward (no [tokens x vocab] logits), and the result equals the single process's."""
+    path = recipes("ddp")
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                 "--master-port", str(free_port()), str(REPO / "tests" / "count_loss_train.py"),
+                 "train", str(path)], LOSS_CALLS_DIR=str(calls))
+    _check(proc, proc.stdout + proc.stderr)
+    assert [int((calls / f"rank{r}").read_text()) for r in (0, 1)] == [STEPS, STEPS]
+    run = RunDir(load_recipe(path).output_dir)
+    assert (run.read_facts().loss or "").startswith("chunked")
+    diff = _assert_same_saved(run.path, single_process_run)
+    print(f"DDP x2 (chunked loss) vs single process: max |adapter/extras diff| {diff:.3g}")
+
+
+def test_zero3_with_a_trainable_head_says_it_uses_logits(recipes: Any, tiny_models: Any,
+                                                         deepspeed_ops: None) -> None:
+    """The one unavoidable fallback (ZeRO-3 shards a head that trains: tied embeddings +
+    the embeddings extra) is stated once by the run and in run.json, and planned as such."""
+    from pi_lora.plan import get_device, plan_recipe
+
+    path = recipes("zero3_tied", model={"name": str(tiny_models("llama", tie=True))},
+                   training={"deepspeed": "zero3", "max_steps": 2, "save_steps": 2})
+    proc = _run(_pi_lora("train", str(path)))
+    _check(proc, proc.stdout + proc.stderr)
+    assert proc.stdout.count("pi-lora: loss plain: ZeRO-3 shards a trainable output head") == 1
+    run = RunDir(load_recipe(path).output_dir)
+    assert (run.read_facts().loss or "").startswith("plain: ZeRO-3")
+    recipe = load_recipe(path)
+    assert not plan_recipe(recipe, get_device("h100-80gb"), gpus=2).setup.chunked_loss
+    untied = load_recipe(recipes("ddp_plan"))
+    assert plan_recipe(untied, get_device("h100-80gb"), gpus=2).setup.chunked_loss
+
+
 def test_zero2_on_two_loopback_nodes(recipes: Any, deepspeed_ops: None,
                                      single_process_run: Path) -> None:
     path = recipes("zero2_nodes", training={"deepspeed": "zero2"})

@@ -6,6 +6,7 @@ into text or JSON, and the package `__init__` only re-exports.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,9 @@ def _config(recipe: Recipe) -> tuple[Any, str]:
 def _plan(recipe: Recipe, shape: ModelShape, device: Device, gpus: int, nodes: int,
           source: str) -> Plan:
     setup = setup_from_recipe(recipe, gpus=gpus, nodes=nodes, device_kind=device.kind)
+    if setup.chunked_loss and setup.zero_stage == 3 and shape.head_trainable:
+        # as training does (pi_lora.trainer.loss_route): a sharded trainable head needs logits
+        setup = dataclasses.replace(setup, chunked_loss=False)
     return Plan(recipe.output_dir, source, device, shape, setup,
                 plan_memory(shape, setup, device), plan_time(shape, setup, device))
 
