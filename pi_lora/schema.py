@@ -155,6 +155,9 @@ class TrainingSection(_Section):
     eval_steps: PositiveInt | None = Field(
         None, description="loss on data.validation_sequences every N steps; default save_steps")
     save_total_limit: PositiveInt | None = 2
+    save_on_each_node: bool = Field(
+        False, description="multi-node without shared storage: each node keeps its own run "
+                           "directory and checkpoints, so every node can resume")
     logging_steps: PositiveInt = 1
     deepspeed: str | None = Field(None, description="zero2 | zero3 | zero3_offload | a json path")
     report_to: Literal["auto", "none", "tensorboard", "wandb"] = "auto"

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,7 @@ def training_arguments(recipe: Recipe, run: RunDir,
         **_checkpointing_arguments(TrainingArguments, t.gradient_checkpointing),
         bf16=t.precision == "bf16", fp16=t.precision == "fp16", seed=t.seed, data_seed=t.seed,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        save_on_each_node=t.save_on_each_node,
         logging_steps=t.logging_steps, report_to=_report_to(recipe),
         deepspeed=deepspeed_config(recipe), disable_tqdm=True, remove_unused_columns=False,
         # use_cpu: the Trainer's bf16 check otherwise demands a GPU; bf16 autocast runs on CPU
@@ -202,8 +204,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     config = load_config(recipe.model)
     plan = plan_rope(recipe.rope, config)
     tokenizer = load_tokenizer(recipe.model)
-    if is_main:  # other ranks would race rank 0's mkdir and see "already exists"
-        run.prepare(recipe, resume=resume, overwrite=overwrite, is_main=is_main)
+    if _prepares_run_dir(recipe):  # other ranks would race its mkdir and see "already exists"
+        run.prepare(recipe, resume=resume, overwrite=overwrite, is_main=True)
     identity = IdentityJob(recipe.model, recipe.data, config) if is_main else None
     set_seed(recipe.training.seed)
     # arguments first: they join the process group, so the data is built once while the other
@@ -229,7 +231,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
               f"trainable {trainable:,} / {total:,}", flush=True)
         _report_conversations(built, recipe.seq_len)
         print(f"pi-lora: loss {facts.loss}", flush=True)
-    checkpoint = run.latest_checkpoint() if resume else None
+    checkpoint = agreed_checkpoint(run) if resume else None
     if checkpoint is not None and is_main:
         _forget_metrics_after(run, _checkpoint_step(checkpoint))
     started = time.time()
@@ -242,6 +244,40 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
             "train_loss": result.training_loss, "steps": trainer.state.global_step,
             "train_seconds": time.time() - started, "provenance": provenance}))
     return run.path
+
+
+def _prepares_run_dir(recipe: Recipe) -> bool:
+    """Global rank 0 writes the run directory; with save_on_each_node each node's first
+    process writes its own (no shared storage), so each node can resume from it."""
+    info = process_info()
+    return info.is_main or (recipe.training.save_on_each_node and info.local_rank == 0)
+
+
+def agreed_checkpoint(run: RunDir) -> Path | None:
+    """The checkpoint every rank resumes from: global rank 0's latest, which every rank must
+    find in its own output_dir (multi-node without shared storage), else one clear error on
+    all ranks instead of ranks silently resuming from different steps."""
+    import torch.distributed as dist
+
+    local = run.latest_checkpoint()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    choice = [local.name if local is not None else None]
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return None
+    path = run.checkpoints_dir / choice[0]
+    found: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, (socket.gethostname(), process_info().rank,
+                                   (path / "trainer_state.json").is_file()))
+    missing = [f"rank {rank} ({host})" for host, rank, ok in found if not ok]
+    if missing:
+        raise PiLoraError(
+            f"{choice[0]}, the latest checkpoint of rank 0, is missing on {', '.join(missing)}",
+            field="output_dir",
+            fix="put output_dir on storage all nodes share, or train with "
+                "training.save_on_each_node: true so each node keeps its checkpoints")
+    return path
 
 
 def build_data_once(data: DataSection, tokenizer: Any, seq_len: int, seed: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,42 @@ def test_zero2_on_two_loopback_nodes(recipes: Any, deepspeed_ops: None,
     run = Path(load_recipe(path).output_dir)
     diff = _assert_same_saved(run, single_process_run)
     print(f"ZeRO-2 2 nodes vs single process: max |adapter/extras diff| {diff:.3g}")
+
+
+def _two_nodes(path: Path, dirs: list[Path], *flags: str) -> list[tuple[int, str]]:
+    """Both loopback "nodes" (one process each, DDP on gloo), each with its own output_dir."""
+    port = str(free_port())
+    nodes = [subprocess.Popen(
+        _pi_lora("train", str(path), "--nnodes", "2", "--node-rank", str(rank), "--nproc", "1",
+                 "--master-addr", "127.0.0.1", "--master-port", port,
+                 f"--set=output_dir={dirs[rank]}", *flags),
+        cwd=REPO, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    outputs = [node.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for node in nodes]
+    return [(node.returncode, out) for node, out in zip(nodes, outputs, strict=True)]
+
+
+def test_nodes_without_shared_storage_resume_together(recipes: Any, tmp_path: Path) -> None:
+    """Each node keeps its own run directory (save_on_each_node): a resume continues on both
+    from rank 0's checkpoint, and a node that lacks it stops every rank with one message."""
+    dirs = [tmp_path / "node0", tmp_path / "node1"]
+    path = recipes("no_shared", training={"save_on_each_node": True, "max_steps": SAVE_STEPS})
+    for code, out in _two_nodes(path, dirs):
+        assert code == 0, out[-4000:]
+    assert all((d / "checkpoints" / f"checkpoint-{SAVE_STEPS}" / "trainer_state.json").is_file()
+               for d in dirs)
+    for code, out in _two_nodes(path, dirs, "--resume", f"--set=training.max_steps={STEPS}"):
+        assert code == 0, out[-4000:]
+    steps = [json.loads(line)["step"] for line in
+             (dirs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))  # continued from step 3 on both nodes
+    assert (dirs[1] / "checkpoints" / f"checkpoint-{STEPS}").is_dir()
+
+    shutil.rmtree(dirs[1] / "checkpoints")  # node 1 lost its checkpoints
+    results = _two_nodes(path, dirs, "--resume", f"--set=training.max_steps={STEPS + 3}")
+    assert all(code != 0 for code, _ in results)
+    assert any(f"checkpoint-{STEPS}, the latest checkpoint of rank 0, is missing on rank 1"
+               in out for _, out in results), results[0][1][-3000:]
 
 
 def test_killed_zero3_run_resumes_on_the_same_curve(recipes: Any, zero3_run: Path) -> None:
