@@ -132,7 +132,7 @@ def worker(path: str, mode: str, num_proc: int | None, cache: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
     section = DataSection(files=[path], num_proc=num_proc, cache_dir=cache)
     sampler = TreePeak()
-    started, cpu = time.time(), os.times()
+    started, cpu = time.time(), cpu_seconds()
     if mode == "legacy":
         sys.path.insert(0, str(Path(__file__).parent))
         import data_prep_legacy
@@ -141,12 +141,17 @@ def worker(path: str, mode: str, num_proc: int | None, cache: str) -> None:
     else:
         tokens = build_train_dataset(section, tokenizer, SEQ_LEN, seed=0).tokens
     seconds = time.time() - started
-    done = os.times()
     pss, anon = sampler.stop()
     print_result({"mode": mode, "tokens": tokens, "seconds": seconds,
                   "tree_peak_bytes": pss, "tree_anon_peak_bytes": anon,
                   "self_peak_bytes": peak_bytes("cpu"),
-                  "cpu_seconds": done.user - cpu.user + done.children_user - cpu.children_user})
+                  "cpu_seconds": cpu_seconds() - cpu})
+
+
+def cpu_seconds() -> float:
+    """User CPU time of this process and its finished children (the tokenizer workers)."""
+    times = os.times()
+    return times.user + times.children_user
 
 
 def rank_worker(path: str, cache: str) -> None:
@@ -167,12 +172,11 @@ def rank_worker(path: str, cache: str) -> None:
     data._build = counted
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
     args = TrainingArguments(output_dir=str(Path(cache) / "out"), use_cpu=True, report_to=[])
-    started, cpu = time.time(), os.times()
+    started, cpu = time.time(), cpu_seconds()
     built = build_data_once(DataSection(files=[path]), tokenizer, SEQ_LEN, 0, args)
-    done = os.times()
     print_result({"rank": int(os.environ["RANK"]), "built": bool(builds), "tokens": built.tokens,
                   "seconds": time.time() - started, "cache": str(built.cache_path),
-                  "cpu_seconds": done.user - cpu.user + done.children_user - cpu.children_user})
+                  "cpu_seconds": cpu_seconds() - cpu})
 
 
 def ranks(corpus: Path) -> list[dict[str, Any]]:
