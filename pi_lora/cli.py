@@ -77,19 +77,27 @@ def _release_process_group() -> None:
     dist.destroy_process_group()
 
 
-def cmd_merge(run_dir: str, output: str | None, dtype: str | None, probe_tokens: int | None,
-              overwrite: bool) -> int:
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Stream the run into a release shard by shard, verify it, publish it atomically."""
     from pi_lora.merge import merge_run
 
-    report = merge_run(run_dir, output, dtype=dtype, probe_tokens=probe_tokens,  # type: ignore[arg-type]
-                       overwrite=overwrite)
+    report = merge_run(args.run_dir, args.output, dtype=args.dtype, probe_tokens=args.probe_tokens,
+                       overwrite=args.overwrite, verify=args.verify, device=args.device,
+                       max_shard_size=args.max_shard_size)
     lines = [
-        f"pi-lora: release written to {report.release_dir} ({report.dtype})",
-        f"  verification on {report.probe_tokens} probe tokens: max |logit diff| "
+        f"pi-lora: release written to {report.release_dir} ({report.dtype}, {report.shards} "
+        f"shard(s); {report.lora_folded} LoRA pairs and {report.extras_applied} trained extras "
+        f"folded in)",
+        f"  verification ({report.verify}) on {report.probe_tokens} probe tokens: max |logit diff| "
         f"{report.max_abs_diff:.3g} ({report.relative_diff:.3%} of max |logit| "
         f"{report.max_abs_logit:.3g}; tolerance {report.tolerance:.2%}), top-1 agreement "
         f"{report.top1_agreement:.2%}, {report.seconds:.1f}s",
     ]
+    if report.layer_max_abs_diff:
+        worst = max(range(len(report.layer_max_abs_diff)), key=report.layer_max_abs_diff.__getitem__)
+        lines.append(f"  hidden states: max |diff| {report.layer_max_abs_diff[worst]:.3g} "
+                     f"(layer {worst} of {len(report.layer_max_abs_diff)}; every layer in "
+                     f"merge_report.json)")
     if report.quantized_max_abs_diff is not None:
         lines.append(f"  vs the quantized model as trained (QLoRA): max |logit diff| "
                      f"{report.quantized_max_abs_diff:.3g}, top-1 agreement "
@@ -193,9 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="release directory (default: release/RUN_NAME)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: model.dtype")
     p.add_argument("--probe-tokens", type=int, help="verification length (default: original+128)")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=lambda a: cmd_merge(a.run_dir, a.output, a.dtype, a.probe_tokens,
-                                           a.overwrite))
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing release (only a directory pi-lora merge wrote)")
+    p.add_argument("--verify", choices=["auto", "full", "layers"], default="auto",
+                   help="full: both whole models in RAM; layers: one decoder layer at a time; "
+                        "auto (default): full while it needs at most half the RAM")
+    p.add_argument("--device", default="cpu", help="where deltas and the check run, e.g. cuda")
+    p.add_argument("--max-shard-size", default="5GB", help="release shard size (default 5GB)")
+    p.set_defaults(run=cmd_merge)
 
     p = sub.add_parser("eval", parents=[common],
                        help="passkey retrieval + perplexity vs length, one report")

@@ -2,25 +2,42 @@
 
 Released long-context models that lost their rope scaling produced garbage (LongLoRA #181,
 LLaMA-Factory #3370). So the release config carries the scaling, and before the directory
-is published we reload it with plain `from_pretrained` and compare its logits with base +
-adapter on a probe longer than the original window, where lost scaling would show.
+is published its logits are compared with base + adapter on a probe longer than the original
+window, where lost scaling would show.
+
+The merge streams (pi_lora.fold): base shards in, release shards out, so a 70B release is
+made on a machine with far less RAM than the model; the check runs layer by layer for models
+too big to hold twice (pi_lora.verify).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import shutil
+import signal
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from pi_lora.checkpoint import empty_model, open_base_weights
 from pi_lora.dtypes import TORCH_DTYPES
 from pi_lora.errors import PiLoraError
-from pi_lora.model import load_tokenizer
+from pi_lora.fold import (
+    BaseTensors,
+    fold_release,
+    plan_shards,
+    read_adapter,
+    release_tensor_names,
+    requantizer,
+)
+from pi_lora.model import apply_sliding_window, load_config, load_tokenizer, resolve_source
 from pi_lora.recipe import DType, Recipe
 from pi_lora.release import (
     MERGE_REPORT_FILE,
@@ -29,12 +46,15 @@ from pi_lora.release import (
     model_card,
     release_provenance,
 )
-from pi_lora.rope import RopePlan
-from pi_lora.rundir import RunDir, RunFacts
+from pi_lora.rope import RopePlan, apply_rope
+from pi_lora.rundir import RunDir, RunFacts, load_extras
 from pi_lora.trained import load_trained
+from pi_lora.verify import Comparison, compare_logits, verify_layers
 
 # max |logit difference| relative to max |logit|, by release dtype (rounding of merged weights)
 RELATIVE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+VerifyMode = Literal["auto", "full", "layers"]
+DEFAULT_MAX_SHARD = "5GB"
 
 
 @dataclass
@@ -48,94 +68,218 @@ class MergeReport:
     tolerance: float
     top1_agreement: float
     seconds: float
+    verify: str = "full"
+    layer_max_abs_diff: list[float] = field(default_factory=list)
+    shards: int = 0
+    largest_shard_bytes: int = 0
+    lora_folded: int = 0
+    extras_applied: int = 0
+    device: str = "cpu"
     quantized_base: bool = False
-    # release vs the quantized model as trained (QLoRA runs only)
+    # release vs the quantized model as trained (QLoRA runs, full verification only)
     quantized_max_abs_diff: float | None = None
     quantized_top1_agreement: float | None = None
 
 
 def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
               dtype: DType | None = None, probe_tokens: int | None = None,
-              overwrite: bool = False) -> MergeReport:
-    """Fold adapter + extras into the base, write the release atomically, verify it."""
+              overwrite: bool = False, verify: VerifyMode = "auto", device: str = "cpu",
+              max_shard_size: str | int = DEFAULT_MAX_SHARD) -> MergeReport:
+    """Fold adapter + extras into the base shard by shard, verify, publish atomically."""
     started = time.time()
     run = RunDir(run_path)
     run.check_complete()
     recipe = run.load_recipe()
     facts = run.read_facts()
-    plan = facts.rope_plan
     out = Path(output_dir) if output_dir else Path("release") / run.path.resolve().name
     release_dtype: DType = dtype or recipe.model.dtype
-    _check_output(out, overwrite)
+    _check_output(out, overwrite, run)
+    torch_device = _device(device)
+    mode = _verify_mode(verify, facts)
+    _check_probe(probe_tokens, facts.rope_plan)
+    _clean_stale(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        report = _merge_into(tmp, run, recipe, plan, facts, release_dtype, probe_tokens, started)
-        report.release_dir = str(out)
-        (tmp / MERGE_REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with _signals_raise():
+            tmp.mkdir(parents=True)
+            stats = _fold(tmp, run, recipe, facts, release_dtype, torch_device,
+                          _parse_size(max_shard_size))
+            report = verify_release(run, tmp, verify=mode, probe_tokens=probe_tokens,
+                                    dtype=release_dtype, device=device)
+            report.release_dir = str(out)
+            report.seconds = time.time() - started
+            report.shards, report.largest_shard_bytes = stats.shards, stats.largest_shard_bytes
+            report.lora_folded, report.extras_applied = stats.lora_folded, stats.extras_applied
+            (tmp / MERGE_REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PiLoraError(f"{out} already exists", field="--output",
-                          fix="choose another --output, or pass --overwrite")
+# --------------------------------------------------------------------------- checks up front
 
 
-def _merge_into(tmp: Path, run: RunDir, recipe: Recipe, plan: RopePlan, facts: RunFacts,
-                release_dtype: DType, probe_tokens: int | None, started: float) -> MergeReport:
-    work_dtype = _work_dtype(facts, release_dtype)
-    model = load_trained(run, work_dtype, dequantize=True)
-    probe = _probe_ids(model.config, plan, probe_tokens)
-    with torch.no_grad():
-        reference = model(probe).logits.float()
-    merged = model.merge_and_unload(safe_merge=True)
-    merged = merged.to(TORCH_DTYPES[release_dtype])
-    _save_release(merged, tmp, recipe, plan, facts, release_dtype, run)
-    del merged, model
-    quantized = _quantized_logits(run, probe, work_dtype) if recipe.model.quantization else None
-    return _verify(tmp, probe, reference, release_dtype, started, quantized)
+def _check_output(out: Path, overwrite: bool, run: RunDir) -> None:
+    from pi_lora.release import is_release
+
+    resolved, run_dir = out.resolve(), run.path.resolve()
+    if resolved == run_dir or resolved in run_dir.parents or resolved in Path.cwd().parents \
+            or resolved == Path.cwd().resolve() or resolved == Path.home().resolve():
+        raise PiLoraError(f"{out} holds the run, the working directory or home",
+                          field="--output", fix="write the release to a directory of its own")
+    if resolved.is_file() or (resolved.exists() and not resolved.is_dir()):
+        raise PiLoraError(f"{out} is a file", field="--output", fix="name a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise PiLoraError(f"{out} already exists", field="--output",
+                              fix="choose another --output, or pass --overwrite")
+        if not is_release(out):
+            raise PiLoraError(f"{out} is not a pi-lora release; --overwrite only replaces those",
+                              field="--output", fix="choose another --output")
 
 
-def _quantized_logits(run: RunDir, probe: torch.Tensor, work_dtype: DType) -> torch.Tensor:
-    """Probe logits of the model as trained (quantized base + extras + adapter)."""
-    model = load_trained(run, work_dtype)
-    with torch.no_grad():
-        return model(probe).logits.float()
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PiLoraError("--device cuda, but this machine has no CUDA GPU", field="--device",
+                          fix="drop --device (the merge runs on the CPU)")
+    return device
 
 
-def _work_dtype(facts: RunFacts, release_dtype: DType) -> DType:
-    """Merge in fp32 when it fits in half the RAM: the verification then sees only rounding."""
-    total = facts.total_parameters
+def _ram_bytes() -> int:
     try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
-        ram = 0
-    return "fp32" if total and total * 4 * 2 < ram / 2 else release_dtype
+        return 0
 
 
-def _probe_ids(config: Any, plan: RopePlan, probe_tokens: int | None) -> torch.Tensor:
-    """Random tokens reaching past the original window, where rope scaling matters."""
-    length = probe_tokens or min(plan.target_context, plan.original_context + 128)
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, config.vocab_size, (1, length), generator=generator)
+def full_check_bytes(total_parameters: int) -> int:
+    """RAM the whole-model check needs: the fp32 model, its logits and loader copies (x3)."""
+    return total_parameters * 4 * 3
 
 
-def _save_release(model: Any, out: Path, recipe: Recipe, plan: RopePlan, facts: RunFacts,
-                  dtype: DType, run: RunDir) -> None:
-    model.config.max_position_embeddings = plan.max_position_embeddings
-    model.save_pretrained(str(out), safe_serialization=True, max_shard_size="5GB")
+def _verify_mode(verify: VerifyMode, facts: RunFacts) -> Literal["full", "layers"]:
+    """`auto`: the whole-model check while it takes at most half the RAM, else layer by layer."""
+    if verify != "auto":
+        return verify
+    return "full" if full_check_bytes(facts.total_parameters) <= _ram_bytes() // 2 else "layers"
+
+
+def _check_probe(probe_tokens: int | None, plan: RopePlan) -> None:
+    if probe_tokens is not None and not 0 < probe_tokens <= plan.target_context:
+        raise PiLoraError(f"--probe-tokens {probe_tokens} is outside 1..{plan.target_context} "
+                          "(the release's context)", field="--probe-tokens",
+                          fix=f"give at most {plan.target_context}, or leave it unset")
+
+
+def _parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove temp dirs of merges into `out` that were killed (their pid is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM / SIGHUP end the merge through the cleanup path, like Ctrl-C does."""
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- the fold
+
+
+def reference_config(recipe: Recipe, plan: RopePlan) -> Any:
+    """The base config as the run trained it: the rope plan and the attention window applied."""
+    config = load_config(recipe.model)
+    apply_rope(config, plan)
+    apply_sliding_window(config, recipe.model)
+    return config
+
+
+def _base_tensors(run: RunDir, recipe: Recipe, skeleton: Any) -> BaseTensors:
+    weights = open_base_weights(recipe.model, skeleton)
+    base = BaseTensors(weights, load_extras(run.extras_path))
+    if recipe.model.quantization is not None:
+        base.requantize, base.quantized = requantizer(recipe.model, skeleton)
+    return base
+
+
+def _fold(tmp: Path, run: RunDir, recipe: Recipe, facts: RunFacts, release_dtype: DType,
+          device: torch.device, max_shard_bytes: int) -> Any:
+    plan = facts.rope_plan
+    config = reference_config(recipe, plan)
+    skeleton = empty_model(config)
+    base = _base_tensors(run, recipe, skeleton)
+    out_dtype = TORCH_DTYPES[release_dtype]
+    shards = plan_shards(base.weights.groups(), release_tensor_names(skeleton), out_dtype,
+                         max_shard_bytes)
+    stats = fold_release(tmp, base, read_adapter(run.adapter_dir), shards, out_dtype, device)
+    _write_release_files(tmp, config, type(skeleton).__name__, recipe, plan, facts,
+                         release_dtype, run)
+    return stats
+
+
+def _write_release_files(out: Path, config: Any, architecture: str, recipe: Recipe,
+                         plan: RopePlan, facts: RunFacts, dtype: DType, run: RunDir) -> None:
+    config = copy.deepcopy(config)
+    config.max_position_embeddings = plan.max_position_embeddings
+    config.architectures = [architecture]
+    config.dtype = TORCH_DTYPES[dtype]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(str(out))
+    _generation_config(recipe, config).save_pretrained(str(out))
     load_tokenizer(recipe.model).save_pretrained(str(out))
     _mirror_legacy_rope_scaling(out / "config.json", plan)
     shutil.copy(run.recipe_path, out / RELEASE_RECIPE_FILE)
     provenance = release_provenance(facts, dtype)
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     (out / "README.md").write_text(model_card(recipe, plan, facts, dtype, provenance))
+
+
+def _generation_config(recipe: Recipe, config: Any) -> Any:
+    """The base's generation_config.json when it has one, else the one its config implies."""
+    from transformers import GenerationConfig
+
+    source = resolve_source(recipe.model)
+    if not source.gguf_file:
+        kwargs = {"revision": recipe.model.revision} if recipe.model.revision else {}
+        try:
+            return GenerationConfig.from_pretrained(source.path, **kwargs)
+        except (OSError, ValueError):
+            pass
+    return GenerationConfig.from_model_config(config)
 
 
 def _mirror_legacy_rope_scaling(config_path: Path, plan: RopePlan) -> None:
@@ -149,27 +293,77 @@ def _mirror_legacy_rope_scaling(config_path: Path, plan: RopePlan) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _verify(out: Path, probe: torch.Tensor, reference: torch.Tensor, dtype: DType,
-            started: float, quantized: torch.Tensor | None = None) -> MergeReport:
+# --------------------------------------------------------------------------- verification
+
+
+def verify_release(run_path: str | Path | RunDir, release_dir: str | Path, *,
+                   verify: Literal["full", "layers"] = "layers", probe_tokens: int | None = None,
+                   dtype: DType | None = None, device: str = "cpu") -> MergeReport:
+    """Compare a release with the run's base + adapter; raise when they disagree."""
+    started = time.time()
+    run = run_path if isinstance(run_path, RunDir) else RunDir(run_path)
+    recipe, facts = run.load_recipe(), run.read_facts()
+    plan = facts.rope_plan
+    release_dtype: DType = dtype or recipe.model.dtype
+    release = Path(release_dir)
+    config = reference_config(recipe, plan)
+    probe = _probe_ids(config.vocab_size, plan, probe_tokens)
+    quantized: Comparison | None = None
+    if verify == "layers":
+        skeleton = empty_model(config)
+        base = _base_tensors(run, recipe, skeleton)
+        del skeleton
+        comparison = verify_layers(config, release, base, read_adapter(run.adapter_dir), probe,
+                                   _device(device))
+    else:
+        comparison, quantized = _verify_full(run, release, probe, recipe.model.quantization
+                                             is not None)
+    report = MergeReport(
+        str(release), release_dtype, probe.shape[1], comparison.max_abs_diff,
+        comparison.max_abs_logit, comparison.relative_diff, RELATIVE_TOLERANCE[release_dtype],
+        comparison.top1_agreement, time.time() - started, verify=verify,
+        layer_max_abs_diff=comparison.layer_max_abs_diff, device=device,
+        quantized_base=recipe.model.quantization is not None)
+    if quantized is not None:  # stated, not enforced: the release is deliberately unquantized
+        report.quantized_max_abs_diff = quantized.max_abs_diff
+        report.quantized_top1_agreement = quantized.top1_agreement
+    if not report.relative_diff <= report.tolerance:
+        worst = ""
+        if comparison.layer_max_abs_diff:
+            layer = max(range(len(comparison.layer_max_abs_diff)),
+                        key=lambda i: comparison.layer_max_abs_diff[i])
+            worst = f"; largest hidden-state difference at layer {layer}"
+        raise PiLoraError(
+            f"merged release disagrees with base + adapter: max |diff| "
+            f"{report.max_abs_diff:.4g} ({report.relative_diff:.2%} of max |logit|, tolerance "
+            f"{report.tolerance:.2%}){worst}",
+            field="RUN_DIR", fix="nothing was published; report this with the run directory")
+    return report
+
+
+def _probe_ids(vocab_size: int, plan: RopePlan, probe_tokens: int | None) -> torch.Tensor:
+    """Random tokens reaching past the original window, where rope scaling matters."""
+    length = probe_tokens or min(plan.target_context, plan.original_context + 128)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (1, length), generator=generator)
+
+
+def _verify_full(run: RunDir, release: Path, probe: torch.Tensor,
+                 quantized_run: bool) -> tuple[Comparison, Comparison | None]:
+    """Whole models, one at a time: base + adapter (peft), then the release from disk."""
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
-    reloaded.eval()
+    reference = _logits(load_trained(run, "fp32", dequantize=True), probe)
+    as_trained = _logits(load_trained(run, "fp32"), probe) if quantized_run else None
+    reloaded = AutoModelForCausalLM.from_pretrained(str(release), dtype=torch.float32)
+    logits = _logits(reloaded, probe)
+    comparison = compare_logits(logits, reference)
+    return comparison, (compare_logits(logits, as_trained) if as_trained is not None else None)
+
+
+def _logits(model: Any, probe: torch.Tensor) -> torch.Tensor:
+    model.eval()
     with torch.no_grad():
-        logits = reloaded(probe).logits.float()
-    diff = (logits - reference).abs().max().item()
-    scale = reference.abs().max().item() or 1.0
-    agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    report = MergeReport(str(out), dtype, probe.shape[1], diff, scale, diff / scale,
-                         RELATIVE_TOLERANCE[dtype], agreement, time.time() - started)
-    if quantized is not None:  # stated, not enforced: the release is deliberately unquantized
-        report.quantized_base = True
-        report.quantized_max_abs_diff = (logits - quantized).abs().max().item()
-        report.quantized_top1_agreement = (
-            (logits.argmax(-1) == quantized.argmax(-1)).float().mean().item())
-    if not (report.relative_diff <= report.tolerance) or not torch.isfinite(logits).all():
-        raise PiLoraError(
-            f"merged release disagrees with base + adapter: max |diff| {diff:.4g} "
-            f"({report.relative_diff:.2%} of max |logit|, tolerance {report.tolerance:.2%})",
-            field="RUN_DIR", fix="nothing was written; report this with the run directory")
-    return report
+        logits = model(probe).logits.float()
+    del model
+    return logits

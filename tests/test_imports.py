@@ -39,6 +39,7 @@ LAYER: dict[str, int] = {
     "hub": 3,  # locally installed weights (SmolLM2 GGUF), found without downloading
     "data": 3,
     "packing": 3,  # Arrow tokenizing and packing that data assembles
+    "checkpoint": 3,  # the base's weights read tensor by tensor (safetensors shards, GGUF)
     # 4: training machinery and the record of what went in
     "loss": 4,
     "attention": 4,
@@ -56,6 +57,8 @@ LAYER: dict[str, int] = {
     "trained": 7,
     "release": 7,
     "merge": 7,
+    "fold": 7,  # adapter + extras folded into the base, shard by shard
+    "verify": 7,  # release == base + adapter, whole or layer by layer
     # 8: evaluation
     "eval": 8,
     # 9: planning and the demo (built on eval's passkey)

@@ -77,17 +77,16 @@ def test_merge_catches_lost_rope_scaling(tiny_models, write_recipe, tmp_path: Pa
 
     recipe = load_recipe(write_recipe(tiny_models("llama"), training={"max_steps": 2}))
     run = train(recipe)
-    real_save = merge._save_release
+    real_write = merge._write_release_files
 
-    def lossy_save(model, out, *args):
-        model.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
-        real_save(model, out, *args)
+    def lossy_write(out, *args):
+        real_write(out, *args)
         cfg = json.loads((out / "config.json").read_text())
         cfg.pop("rope_scaling", None)
         cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
         (out / "config.json").write_text(json.dumps(cfg))
 
-    monkeypatch.setattr(merge, "_save_release", lossy_save)
+    monkeypatch.setattr(merge, "_write_release_files", lossy_write)
     with pytest.raises(PiLoraError, match="disagrees"):
         merge_run(run, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
