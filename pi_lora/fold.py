@@ -238,16 +238,19 @@ def fold_release(out: Path, base: BaseTensors, adapter: Adapter, shards: list[li
 def _merged(name: str, base: BaseTensors, adapter: Adapter, out_dtype: torch.dtype,
             device: torch.device, used: set[str], stats: FoldStats) -> torch.Tensor:
     stats.tensors += 1
-    if name in base.extras:
-        stats.extras_applied += 1
     weight = base.read(name)
+    trained = [weight] if name in base.extras else []
+    stats.extras_applied += len(trained)
     delta = adapter.delta(name, device)
     if delta is not None:
         used.add(name)
         stats.lora_folded += 1
+        trained.append(delta)
         weight = weight.to(device) + delta
-    if weight.is_floating_point() and not torch.isfinite(weight).all():
-        raise PiLoraError(f"merged weight {name} has NaN or inf values", field="RUN_DIR",
+    # what training changed must be finite (a NaN or inf makes the sum non-finite; a sum of
+    # finite fp32 weights cannot overflow): the check costs one reduction, not a full pass
+    if any(not torch.isfinite(t.sum()) for t in trained):
+        raise PiLoraError(f"the run's trained values for {name} are NaN or inf", field="RUN_DIR",
                           fix="the run diverged: resume from an earlier checkpoint with a lower "
                               "learning rate")
     return weight.to("cpu", out_dtype if weight.is_floating_point() else weight.dtype).contiguous()

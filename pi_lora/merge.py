@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from pi_lora.allocator import tune_cpu_allocator
 from pi_lora.checkpoint import empty_model, open_base_weights
 from pi_lora.dtypes import TORCH_DTYPES
 from pi_lora.errors import PiLoraError
@@ -87,6 +88,7 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
               max_shard_size: str | int = DEFAULT_MAX_SHARD) -> MergeReport:
     """Fold adapter + extras into the base shard by shard, verify, publish atomically."""
     started = time.time()
+    tune_cpu_allocator()  # each freed tensor goes back to the OS: the peak stays one shard's
     run = RunDir(run_path)
     run.check_complete()
     recipe = run.load_recipe()

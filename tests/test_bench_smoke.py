@@ -35,3 +35,16 @@ def test_benchmark_table_on_tiny_model():
     baseline, pi_lora = (float(row["loss"]) for row in rows)
     assert abs(baseline - pi_lora) < 1e-2  # same model, same tokens, same loss
     assert "allocator" in done.stdout
+
+
+def test_merge_benchmark_on_a_small_model() -> None:
+    """bench_merge builds a sharded base + run, merges both ways in workers, prints the table."""
+    script = SCRIPT.parent / "bench_merge.py"
+    command = [sys.executable, str(script), "--sizes", "20M", "--modes", "old,new"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = parse_markdown_table(done.stdout)
+    assert row["size"] == "20M"
+    old, new = (float(row[k].split()[0]) for k in ("old peak RSS", "new peak RSS"))
+    assert 0.2 < new < old < 8  # GiB
+    assert float(row["new / old"]) < 1

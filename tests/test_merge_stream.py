@@ -167,3 +167,17 @@ def test_killed_merge_leftovers_are_cleaned(tied_run: RunDir, tmp_path: Path) ->
     merge_run(tied_run.path, tmp_path / "rel")
     assert not dead.exists() and alive.exists()
     shutil.rmtree(alive)
+
+
+@pytest.mark.gpu
+def test_merge_on_cuda_matches_the_cpu_merge(tied_run: RunDir, tmp_path: Path) -> None:
+    """`--device cuda`: same algorithm, deltas and the layer check on the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    cpu = merge_run(tied_run.path, tmp_path / "cpu", verify="layers")
+    gpu = merge_run(tied_run.path, tmp_path / "gpu", verify="layers", device="cuda")
+    assert gpu.device == "cuda" and gpu.relative_diff <= gpu.tolerance
+    assert gpu.max_abs_diff == pytest.approx(cpu.max_abs_diff, abs=1e-4)
+    ours, theirs = _release_tensors(tmp_path / "gpu"), _release_tensors(tmp_path / "cpu")
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, atol=1e-6, rtol=1e-5)

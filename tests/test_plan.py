@@ -246,3 +246,16 @@ def test_plan_and_recipe_agree_on_the_attention_path(tmp_path: Path) -> None:
         with pytest.raises(RecipeErrors) as info:
             load_recipe(REPO / "recipes/llama2-7b-32k.yaml", [override])
         assert [e.field for e in info.value.errors] == ["training.s2_attn"]
+
+
+def test_70b_merge_is_planned_with_its_ram(capsys) -> None:
+    """The 70B release is made in host RAM far below the model's size (the merge streams)."""
+    from pi_lora.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "llama2-70b-32k.yaml"
+    assert main(["plan", str(recipe), "--gpu", "h100-80gb", "--gpus", "8", "--json"]) == 0
+    merge = json.loads(capsys.readouterr().out)["merge"]
+    gib = 2**30
+    assert 5 * gib < merge["peak_bytes"] < 16 * gib  # one 5 GB shard + embeddings + runtime
+    assert merge["full_check_bytes"] > 700 * gib  # why the 70B check runs layer by layer
+    assert merge["probe_tokens"] == 4096 + 128

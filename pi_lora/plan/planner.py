@@ -15,6 +15,7 @@ from pi_lora.plan.advice import candidates
 from pi_lora.plan.compute import TimePlan, plan_time
 from pi_lora.plan.devices import Device
 from pi_lora.plan.memory import MemoryPlan, plan_memory
+from pi_lora.plan.merging import MergePlan, plan_merge
 from pi_lora.plan.setup import Setup, setup_from_recipe
 from pi_lora.plan.shape import ModelShape, model_shape
 from pi_lora.recipe import Recipe
@@ -44,6 +45,7 @@ class Plan:
     memory: MemoryPlan
     time: TimePlan
     recommendations: list[Recommendation] = field(default_factory=list)
+    merge: MergePlan | None = None
 
     @property
     def verdict(self) -> str:
@@ -64,7 +66,16 @@ def plan_recipe(recipe: Recipe, device: Device, *, gpus: int = 1, nodes: int = 1
     plan = _plan(recipe, shape, device, gpus, nodes, source)
     if advise:
         plan.recommendations = _recommend(recipe, plan, gpus, nodes)
+    plan.merge = plan_merge(recipe, shape, _probe_tokens(recipe, config))
     return plan
+
+
+def _probe_tokens(recipe: Recipe, config: Any) -> int:
+    """The merge check's default probe: 128 tokens past the original window."""
+    from pi_lora.rope import plan_rope
+
+    rope = plan_rope(recipe.rope, config)
+    return min(rope.target_context, rope.original_context + 128)
 
 
 def _config(recipe: Recipe) -> tuple[Any, str]:

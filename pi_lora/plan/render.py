@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from pi_lora.plan.compute import FORMULA
 from pi_lora.plan.devices import GIB
+from pi_lora.plan.merging import merge_to_dict, render_merge
 
 if TYPE_CHECKING:
     from pi_lora.plan.memory import MemoryPlan
@@ -65,7 +66,8 @@ def render_table(plan: Plan) -> str:
         f"  {s.max_steps} steps: {_duration(t.total_seconds)}, "
         f"{t.device_hours:,.1f} {plan.device.name}-hours",
     ]
-    return "\n".join(lines + _render_advice(plan))
+    merge = render_merge(plan.merge) if plan.merge else []
+    return "\n".join(lines + merge + _render_advice(plan))
 
 
 def _other_moments(m: MemoryPlan) -> list[str]:
@@ -115,6 +117,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         },
         "time": {"formula": FORMULA, **asdict(plan.time)},
         "recommendations": [asdict(r) for r in plan.recommendations],
+        "merge": merge_to_dict(plan.merge) if plan.merge else None,
     }
 
 
