@@ -55,8 +55,8 @@ def plan_merge(recipe: Recipe, shape: ModelShape, probe_tokens: int) -> MergePla
     largest = max(shape.embedding_params, head, shape.hidden * shape.intermediate)
     fixed = CPU_RUNTIME_BYTES + MERGE_SLACK_BYTES
     kept = shape.lora_params * 4 + shape.extras_params * 4
-    # the shard being filled, the tensor read (stored dtype) + its fp32 copy + the delta
-    fold = fixed + kept + min(RELEASE_SHARD_BYTES, release_bytes) + largest * (2 + 4 + 4)
+    # the shard being filled; the tensor read (stored dtype), its fp32 copy, its release cast
+    fold = fixed + kept + min(RELEASE_SHARD_BYTES, release_bytes) + largest * (2 + 4 + 2)
     layer = (shape.total_params - shape.lora_params - shape.embedding_params - head) // max(
         shape.layers, 1)
     t = probe_tokens
