@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from pi_lora.allocator import tune_cpu_allocator
+from pi_lora.card import model_card
 from pi_lora.checkpoint import empty_model, open_base_weights
 from pi_lora.dtypes import TORCH_DTYPES
 from pi_lora.errors import PiLoraError
@@ -44,7 +45,7 @@ from pi_lora.release import (
     MERGE_REPORT_FILE,
     PROVENANCE_FILE,
     RELEASE_RECIPE_FILE,
-    model_card,
+    make_tokenizer_portable,
     release_provenance,
 )
 from pi_lora.rope import RopePlan, apply_rope
@@ -263,11 +264,22 @@ def _write_release_files(out: Path, config: Any, architecture: str, recipe: Reci
     config.save_pretrained(str(out))
     _generation_config(recipe, config).save_pretrained(str(out))
     load_tokenizer(recipe.model).save_pretrained(str(out))
+    make_tokenizer_portable(out, plan.target_context, _base_tokenizer_class(recipe))
     _mirror_legacy_rope_scaling(out / "config.json", plan)
     shutil.copy(run.recipe_path, out / RELEASE_RECIPE_FILE)
     provenance = release_provenance(facts, dtype)
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     (out / "README.md").write_text(model_card(recipe, plan, facts, dtype, provenance))
+
+
+def _base_tokenizer_class(recipe: Recipe) -> str | None:
+    """The concrete class the base's own tokenizer_config.json names, if it has one."""
+    path = Path(recipe.model.tokenizer or recipe.model.name).expanduser() / "tokenizer_config.json"
+    try:
+        name = json.loads(path.read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name != "TokenizersBackend" else None
 
 
 def _generation_config(recipe: Recipe, config: Any) -> Any:

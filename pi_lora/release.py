@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from pi_lora.provenance import software
-from pi_lora.recipe import Recipe
-from pi_lora.rope import RopePlan
 from pi_lora.rundir import RunFacts
 
 RELEASE_RECIPE_FILE = "pi_lora_recipe.yaml"
@@ -36,67 +34,17 @@ def release_provenance(facts: RunFacts, dtype: str) -> dict[str, Any]:
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def _provenance_table(provenance: dict[str, Any]) -> str:
-    train = provenance.get("train") or {}
-    made = train.get("software") or {}
-    model = train.get("model") or {}
-    data = train.get("data") or {}
-    packages = made.get("packages") or {}
-    libraries = ", ".join(f"{name} {version}" for name, version in packages.items() if version)
-    commit = made.get("git_commit")
-    code = f"pi-lora {made.get('pi_lora', '?')}" + (
-        f" @ {commit[:12]}{' (modified)' if made.get('git_dirty') else ''}" if commit else "")
-    base = (f"revision `{model['revision']}`" if model.get("revision")
-            else f"sha256 `{model['sha256']}`" if model.get("sha256") else "not recorded")
-    rows = [
-        ("trained with", code),
-        ("libraries", libraries or "not recorded"),
-        ("command", f"`{' '.join(made.get('command') or [])}`"),
-        ("base model", f"`{model.get('name', '?')}` ({model.get('source', '?')}), {base}"),
-        ("training data", f"sha256 `{data['sha256']}` over {len(data.get('files', {}))} file(s)"
-         if data.get("sha256") else f"dataset {data.get('dataset')}" if data.get("dataset")
-         else "not recorded"),
-    ]
-    if train.get("error"):
-        rows.append(("hashing", f"failed: {train['error']}"))
-    return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
-
-
-def model_card(recipe: Recipe, plan: RopePlan, facts: RunFacts, dtype: str,
-               provenance: dict[str, Any]) -> str:
-    """README.md of the release: what it is, how it was made, how to load it."""
-    rope_json = json.dumps(plan.rope_parameters)
-    loss = facts.final_loss
-    return f"""---
-base_model: {recipe.model.name}
-tags: [pi-lora, long-context, rope-scaling, {plan.method}]
----
-# {Path(recipe.output_dir).name}
-
-Context window extended from {plan.original_context} to {plan.target_context} tokens
-with **{plan.method}** rope scaling (factor {plan.factor:g}) and a LoRA fine-tune, made with
-pi-lora. LoRA (and the trained extras: {', '.join(recipe.lora.trainable_extras) or 'none'})
-are merged into the weights; the scaling lives in `config.json`, so plain transformers loads it:
-
-```python
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("<this directory>")
-```
-
-| | |
-|---|---|
-| base model | `{recipe.model.name}` |
-| rope | `{rope_json}` |
-| max_position_embeddings | {plan.max_position_embeddings} |
-| LoRA | r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, modules={recipe.lora.target_modules or 'default'} |
-| training | {facts.steps} steps at {recipe.seq_len} tokens, lr {recipe.training.learning_rate:g} |
-| final loss | {loss if loss is None else f'{loss:.4f}'} |
-| release dtype | {dtype} |
-
-The full recipe is in `{RELEASE_RECIPE_FILE}`; the merge check in `{MERGE_REPORT_FILE}`.
-
-## Provenance
-
-{_provenance_table(provenance)}
-Machine-readable (with per-file hashes): `{PROVENANCE_FILE}`.
-"""
+def make_tokenizer_portable(out: Path, target_context: int, base_class: str | None) -> None:
+    """tokenizer_config.json that every stack reads: a class transformers 4.x knows (5.x's
+    `TokenizersBackend` is unknown there, and llama.cpp's converter pins 4.x), the extended
+    window as `model_max_length`, and no flags of the machine that wrote it."""
+    path = out / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        config["tokenizer_class"] = base_class or "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
+    config["model_max_length"] = target_context
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from pi_lora.adapter_card import write_adapter_card
 from pi_lora.allocator import tune_cpu_allocator
 from pi_lora.data import BuiltData, PackedCollator, build_train_dataset
 from pi_lora.distributed import (
@@ -237,6 +238,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     _save_final(trainer, run)
+    if is_main:
+        write_adapter_card(run.adapter_dir, run.extras_path if trainer.extras_names else None,
+                           recipe, plan)
     if is_main and identity is not None:
         provenance = RunProvenance(software=facts.provenance.software, **identity.result())
         run.write_facts(facts.model_copy(update={

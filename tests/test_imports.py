@@ -49,6 +49,7 @@ LAYER: dict[str, int] = {
     "validate": 4,  # `pi-lora validate`
     # 5: the run directory format: below train (which writes it) and merge/eval (which read it)
     "rundir": 5,
+    "adapter_card": 5,  # the adapter directory's README and scaled base config
     # 6: training
     "trainer": 6,  # the Trainer subclass train assembles
     "train": 6,
@@ -56,6 +57,7 @@ LAYER: dict[str, int] = {
     # 7: a trained run -> a release
     "trained": 7,
     "release": 7,
+    "card": 7,  # the release's model card
     "merge": 7,
     "fold": 7,  # adapter + extras folded into the base, shard by shard
     "verify": 7,  # release == base + adapter, whole or layer by layer

@@ -81,3 +81,17 @@ def test_smollm2_gguf_streams_tensor_by_tensor(gguf: Path, write_recipe, tmp_pat
         assert torch.equal(streamed[name], tensor), name
     full = verify_release(run, tmp_path / "rel", verify="full", probe_tokens=1024)
     assert report.max_abs_diff == pytest.approx(full.max_abs_diff, abs=1e-5)
+    # the adapter's README code (GGUF base: dequantized by transformers) reproduces the release
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    code = re.search(r"```python\n(.*?)```", (run.adapter_dir / "README.md").read_text(),
+                     re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "adapter/README.md", "exec"), namespace)
+    ids = torch.randint(0, 49152, (1, 1024), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = namespace["model"](ids).logits
+        shipped = AutoModelForCausalLM.from_pretrained(str(tmp_path / "rel"))(ids).logits
+    torch.testing.assert_close(ours, shipped, atol=2e-3, rtol=1e-3)

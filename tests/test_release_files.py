@@ -1,0 +1,108 @@
+"""What other people's software reads from a run and a release: the adapter directory's
+README (its code reproduces the release), a portable tokenizer config, a publishable card."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from pi_lora.card import base_license, hub_id, serving_notes
+from pi_lora.merge import merge_run
+from pi_lora.recipe import ModelSection, load_recipe
+from pi_lora.rope import RopePlan
+from pi_lora.rundir import RunDir
+from pi_lora.train import train
+
+
+@pytest.fixture(scope="module")
+def released(tiny_models, corpus: Path, tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[RunDir, Path]:
+    import yaml
+
+    root = tmp_path_factory.mktemp("release-files")
+    model = tiny_models("llama", tie=True)
+    (model / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    recipe = {
+        "model": {"name": str(model), "dtype": "fp32"},
+        "rope": {"method": "linear", "target_context": 256},
+        "lora": {"r": 4, "alpha": 8, "trainable_extras": ["embeddings", "norms"]},
+        "data": {"files": [str(corpus)], "cache_dir": str(root / "cache")},
+        "training": {"max_steps": 4, "learning_rate": 1e-2, "warmup_steps": 0, "save_steps": 4,
+                     "per_device_batch_size": 2, "precision": "fp32", "logging_steps": 1,
+                     "report_to": "none", "seed": 0},
+        "output_dir": str(root / "run"),
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run = RunDir(train(load_recipe(root / "recipe.yaml")))
+    merge_run(run.path, root / "release")
+    return run, root / "release"
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_adapter_readme_code_reproduces_the_release(released) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run, release = released
+    readme = (run.adapter_dir / "README.md").read_text()
+    assert "pi-lora merge" in readme and "not the whole model" in readme
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "adapter/README.md", "exec"), namespace)  # as a peft user would run it
+    ids = torch.randint(0, 300, (1, 250), generator=torch.Generator().manual_seed(3))
+    shipped = _logits(AutoModelForCausalLM.from_pretrained(str(release)), ids)
+    torch.testing.assert_close(_logits(namespace["model"], ids), shipped, atol=1e-4, rtol=1e-4)
+    # the trap the README prevents: the adapter on the plain base computes something else
+    recipe = run.load_recipe()
+    naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe.model.name),
+                                      str(run.adapter_dir))
+    assert (_logits(naive, ids) - shipped).abs().max() > 1e-2
+
+
+def test_tokenizer_config_is_portable(released) -> None:
+    from transformers import AutoTokenizer
+
+    _, release = released
+    config = json.loads((release / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # known to transformers 4.x
+    assert config["model_max_length"] == 256
+    assert "is_local" not in config and "local_files_only" not in config
+    assert AutoTokenizer.from_pretrained(str(release)).model_max_length == 256
+
+
+def test_model_card_is_publishable(released) -> None:
+    _, release = released
+    card = (release / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "license: apache-2.0" in front
+    assert "base_model" not in front  # a local path is not a hub id
+    assert "extended to 256 tokens (linear rope scaling)" in card
+    assert "--max-model-len 256" in card and "-c 256" in card
+
+
+def test_hub_ids_and_licences(tmp_path: Path) -> None:
+    assert hub_id(ModelSection(name="meta-llama/Llama-2-7b-hf")) == "meta-llama/Llama-2-7b-hf"
+    snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert hub_id(ModelSection(name=str(snapshot))) == "org/name"
+    assert hub_id(ModelSection(name=str(tmp_path))) is None
+    assert base_license(ModelSection(name=str(tmp_path))) is None
+    (tmp_path / "README.md").write_text("---\nlicense: [unclosed\n---\n")
+    assert base_license(ModelSection(name=str(tmp_path))) is None  # unreadable: left out
+
+
+def test_dynamic_ntk_gets_a_serving_warning() -> None:
+    plan = RopePlan("dynamic", 4096, "config", 16384, 4.0, 10000.0, 128,
+                    {"rope_type": "dynamic", "factor": 4.0}, 16384)
+    assert "does not survive" in serving_notes(plan)
+    linear = RopePlan("linear", 4096, "config", 16384, 4.0, 10000.0, 128,
+                      {"rope_type": "linear", "factor": 4.0}, 16384)
+    assert "does not survive" not in serving_notes(linear)
