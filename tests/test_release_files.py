@@ -106,3 +106,21 @@ def test_dynamic_ntk_gets_a_serving_warning() -> None:
     linear = RopePlan("linear", 4096, "config", 16384, 4.0, 10000.0, 128,
                       {"rope_type": "linear", "factor": 4.0}, 16384)
     assert "does not survive" not in serving_notes(linear)
+
+
+def test_a_pickled_adapter_is_refused_by_merge_and_eval(released, tmp_path: Path) -> None:
+    import shutil
+
+    from pi_lora.errors import PiLoraError
+    from pi_lora.trained import load_trained
+
+    run, _ = released
+    copy = tmp_path / "run"
+    shutil.copytree(run.path, copy)
+    (copy / "adapter" / "adapter_model.safetensors").unlink()
+    (copy / "adapter" / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle
+    with pytest.raises(PiLoraError, match="pickled"):
+        load_trained(RunDir(copy))
+    with pytest.raises(PiLoraError, match="pickled"):
+        merge_run(copy, tmp_path / "rel")
+    assert not (tmp_path / "rel").exists()
