@@ -39,6 +39,7 @@ LAYER: dict[str, int] = {
     "hub": 3,  # locally installed weights (SmolLM2 GGUF), found without downloading
     "data": 3,
     "packing": 3,  # Arrow tokenizing and packing that data assembles
+    "records": 3,  # local data files' records: checked, diagnosed, chat layouts mapped
     # 4: training machinery and the record of what went in
     "loss": 4,
     "attention": 4,

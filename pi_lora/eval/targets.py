@@ -50,8 +50,18 @@ def parse_length(text: str, field: str) -> int:
     text = text.strip().lower()
     try:
         return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+    except (ValueError, OverflowError):
+        raise PiLoraError(f"{text[:40]!r} is not a length", field=field,
+                          fix="e.g. 4096 or 4k") from None
+
+
+def parse_fraction(text: str, field: str) -> float:
+    """A key depth: a number in [0, 1] (range checked with the rest of the settings)."""
+    try:
+        return float(text)
     except ValueError:
-        raise PiLoraError(f"{text!r} is not a length", field=field, fix="e.g. 4096 or 4k") from None
+        raise PiLoraError(f"{text.strip()[:40]!r} is not a number", field=field,
+                          fix="fractions of the filler, e.g. 0,0.25,0.5,0.75,1") from None
 
 
 def resolve_targets(specs: list[str], ropes: list[str], dtype: torch.dtype,
