@@ -152,7 +152,7 @@ class _RecipeLoader(yaml.SafeLoader):
                     raise PiLoraError(
                         f"duplicate key {short_repr(key)} on line {line} (first on line "
                         f"{seen[key]}) in {self.source}: YAML would silently keep only the last",
-                        field=str(key), fix="merge the two blocks into one")
+                        field=_cut(str(key), ERROR_VALUE_CHARS), fix="merge the two blocks into one")
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
 

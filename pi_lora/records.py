@@ -114,14 +114,9 @@ def _json_problem(path: Path, lines: Iterator[tuple[int, str]]) -> str | None:
     """jsonl: every non-blank line one JSON object; .json may also be one array of objects."""
     first = next(((n, t) for n, t in lines if t.strip()), None)
     if first is None:
-        return None
+        return "holds no records (the file is empty)"
     if path.suffix == ".json" and first[1].lstrip().startswith("["):
-        try:
-            items = json.loads(path.read_bytes())
-        except json.JSONDecodeError as exc:
-            return f"line {exc.lineno} is not valid JSON: {exc.msg}"
-        bad = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)
-        return None if bad is None else f"item {bad} is a JSON {_json_type(items[bad])}, not an object"
+        return _array_problem(path)
     for number, text in _chain(first, lines):
         if not text.strip():
             continue
@@ -132,6 +127,16 @@ def _json_problem(path: Path, lines: Iterator[tuple[int, str]]) -> str | None:
         if not isinstance(record, dict):
             return f"line {number} is a JSON {_json_type(record)}, not an object: {_shown(text)}"
     return None
+
+
+def _array_problem(path: Path) -> str | None:
+    """A .json file holding one array: it parses, and every item is an object."""
+    try:
+        document = json.loads(path.read_bytes())
+    except json.JSONDecodeError as exc:
+        return f"line {exc.lineno} is not valid JSON ({exc.msg})"
+    bad = next((i for i, item in enumerate(document) if not isinstance(item, dict)), None)
+    return None if bad is None else f"item {bad} is a JSON {_json_type(document[bad])}, not an object"
 
 
 def _chain(first: tuple[int, str], rest: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:

@@ -379,3 +379,30 @@ def test_cli_subprocess_bomb_exits_2_without_traceback(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "pi_lora.cli", "validate", str(path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr) < 2000
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), [
+    ("empty.jsonl", "", "empty"),
+    ("array.json", '[{"text": "a"}, 3]', "item 1"),
+    ("broken.json", '[{"text": "a"},', "line 1"),
+    ("empty.parquet", "", "Parquet"),
+])
+def test_other_unreadable_files_are_named(tokenizer, tmp_path: Path, name: str, content: str,
+                                          expected: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    err = _build_error(tokenizer, tmp_path, files=[str(path)])
+    assert str(path) in err.message and expected in err.message
+
+
+def test_instruction_values_must_be_text(tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"instruction": "add", "input": "1 + 1", "output": 2}))
+    err = _build_error(tokenizer, tmp_path, files=[str(path)], format="instruction")
+    assert err.field == "data.instruction_fields" and "int" in err.message
+
+
+@pytest.mark.parametrize("rope", ["linear:0", "linear:-5", "yarn:99999999999"])
+def test_eval_rope_lengths_are_bounded(rope: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "no-model", "--rope", rope, "--no-ppl"]) == 2
+    assert "--rope" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from pi_lora.dtypes import dtype_name
 from pi_lora.errors import PiLoraError
 from pi_lora.eval.runner import EvalTarget, ModelPair
 from pi_lora.model import load_config, load_model, load_tokenizer
-from pi_lora.recipe import SCALING_METHODS, ModelSection
+from pi_lora.recipe import MAX_CONTEXT, SCALING_METHODS, ModelSection
 from pi_lora.release import is_release
 from pi_lora.rope import RopePlan, rope_override
 from pi_lora.rundir import RunDir
@@ -49,10 +49,14 @@ def parse_length(text: str, field: str) -> int:
     """`16384`, `16k` or `16K` (k = 1024, as context windows are counted)."""
     text = text.strip().lower()
     try:
-        return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+        length = int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
     except (ValueError, OverflowError):
         raise PiLoraError(f"{text[:40]!r} is not a length", field=field,
                           fix="e.g. 4096 or 4k") from None
+    if not 1 <= length <= MAX_CONTEXT:
+        raise PiLoraError(f"{text[:40]!r} is not a length in 1..{MAX_CONTEXT} tokens",
+                          field=field, fix="e.g. 4096 or 4k")
+    return length
 
 
 def parse_fraction(text: str, field: str) -> float:
