@@ -168,8 +168,11 @@ def _sequences(data: DataSection, tokenizer: Any, seq_len: int, seed: int,
         return blocks, None
     _check_chat_template(tokenizer)
     columns, to_messages = _conversation_reader(data, raw)
-    tokens = packing.tokenize_conversations(raw, tokenizer, to_messages, columns, num_proc,
-                                            str(work / "tokens.arrow"))
+    try:
+        tokens = packing.tokenize_conversations(raw, tokenizer, to_messages, columns, num_proc,
+                                                str(work / "tokens.arrow"))
+    except PiLoraError as err:
+        raise _at_record(err, raw, columns, to_messages, _where(data)) from None
     fitting, counts = packing.fit_conversations(tokens, seq_len)
     return packing.pack_conversations(fitting, seq_len, str(work / "packed.arrow")), counts
 
@@ -186,6 +189,19 @@ def _conversation_reader(data: DataSection, raw: Any) -> tuple[list[str], Any]:
         return [fields.instruction, fields.input, fields.output], _alpaca
     return [fields.instruction, fields.output], lambda instruction, output: _alpaca(
         instruction, None, output)
+
+
+def _at_record(err: PiLoraError, raw: Any, columns: list[str], to_messages: Any,
+               where: str) -> PiLoraError:
+    """`err` (raised inside a tokenizing worker) with the first record it concerns: the
+    records are read again, in this process, only now that one has failed."""
+    for index, row in enumerate(raw.select_columns(columns)):
+        try:
+            to_messages(*(row[c] for c in columns))
+        except PiLoraError:
+            return PiLoraError(f"record {index + 1} of {where}: {err.message}", field=err.field,
+                               fix=err.fix)
+    return PiLoraError(f"{where}: {err.message}", field=err.field, fix=err.fix)
 
 
 def _alpaca(instruction: Any, extra: Any, output: Any) -> list[dict[str, str]]:

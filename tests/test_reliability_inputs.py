@@ -269,9 +269,12 @@ def test_sharegpt_records_train_like_role_content(tokenizer, tmp_path: Path) -> 
 def test_unknown_chat_layout_says_what_is_expected(tokenizer, tmp_path: Path,
                                                    message: dict) -> None:
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"messages": [message, {"role": "assistant", "content": "x"}]}))
-    err = _build_error(tokenizer, tmp_path, files=[str(path)], format="chat")
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    bad = {"messages": [message, {"role": "assistant", "content": "x"}]}
+    path.write_text("\n".join(json.dumps(r) for r in [good, good, bad, good]))
+    err = _build_error(tokenizer, tmp_path, files=[str(path)], format="chat", num_proc=2)
     assert err.field == "data.messages_field" and '"from"' in err.fix and '"role"' in err.fix
+    assert f"record 3 of {path}" in err.message
 
 
 def test_good_jsonl_still_loads_through_datasets(tmp_path: Path) -> None:
