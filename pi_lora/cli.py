@@ -149,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_option_error(exc: ValidationError) -> PiLoraError:
     """The first bad option, named by its flag, its value cut short."""
-    from pi_lora.recipe import short_repr
+    from pi_lora.safe_yaml import short_repr
 
     first = exc.errors()[0]
     name = str(first["loc"][0]) if first["loc"] else ""

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import reprlib
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from pi_lora.errors import PiLoraError, RecipeErrors
+from pi_lora.safe_yaml import cut, parse_yaml, short_repr
 from pi_lora.schema import (
     MAX_CONTEXT,
     SCALING_METHODS,
@@ -106,112 +105,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-MAX_YAML_NODES = 100_000  # a recipe is a few hundred values; an alias bomb is billions
-ERROR_VALUE_CHARS = 200  # longest value quoted in an error message
-
-
-def short_repr(value: Any, limit: int = ERROR_VALUE_CHARS) -> str:
-    """`repr(value)` cut to `limit` characters, so an error message stays one screen."""
-    text = reprlib_repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
-
-
-def reprlib_repr(value: Any) -> str:
-    """repr of a value whose nesting and length are bounded (a recipe's, after the node
-    budget), but cut early for long containers so a 100k-item list is not printed whole."""
-    limits = reprlib.Repr()
-    limits.maxlist = limits.maxdict = limits.maxtuple = limits.maxset = 20
-    limits.maxstring = limits.maxother = ERROR_VALUE_CHARS
-    limits.maxlevel = 6
-    return limits.repr(value)
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """yaml.safe_load's semantics, plus: a key given twice in one mapping is an error (YAML
-    would keep the last silently), and a document may expand to at most MAX_YAML_NODES
-    values counting every alias expansion (an alias bomb is rejected before it expands)."""
-
-    source = "recipe"
-
-    def get_single_data(self) -> Any:
-        node = self.get_single_node()
-        if node is None:
-            return None
-        _check_expanded_size(node, self.source)
-        return self.construct_document(node)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            with contextlib.suppress(TypeError):  # unhashable key: reported by YAML itself
-                if key in seen:
-                    raise PiLoraError(
-                        f"duplicate key {short_repr(key)} on line {line} (first on line "
-                        f"{seen[key]}) in {self.source}: YAML would silently keep only the last",
-                        field=_cut(str(key), ERROR_VALUE_CHARS), fix="merge the two blocks into one")
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _check_expanded_size(root: yaml.Node, source: str) -> None:
-    """Count the values `root` expands to, an alias counting as a copy of what it names.
-
-    Each node's size is computed once (memoised), so the count is linear in the document's
-    text even for a bomb whose expansion has billions of values."""
-    sizes: dict[int, int] = {}
-    open_nodes: set[int] = set()
-
-    def size(node: yaml.Node) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in open_nodes:
-            raise PiLoraError(f"{source} holds a recursive alias (a value that contains itself)",
-                              fix="replace the alias by the values it should repeat")
-        open_nodes.add(key)
-        children: list[yaml.Node] = []
-        if isinstance(node, yaml.SequenceNode):
-            children = node.value
-        elif isinstance(node, yaml.MappingNode):
-            children = [n for pair in node.value for n in pair]
-        total = 1
-        for child in children:
-            total += size(child)
-            if total > MAX_YAML_NODES:
-                raise PiLoraError(
-                    f"{source} expands to more than {MAX_YAML_NODES} values (aliases count "
-                    f"once per use, line {node.start_mark.line + 1})",
-                    fix="write the recipe out plainly; anchors and aliases are for small repeats")
-        open_nodes.discard(key)
-        sizes[key] = total
-        return total
-
-    size(root)
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML text -> Python values (safe_load semantics, bounded; duplicate keys refused)."""
-    loader = _RecipeLoader(text)
-    loader.source = source
-    try:
-        return loader.get_single_data()
-    except yaml.YAMLError as exc:
-        raise PiLoraError(f"{source} is not valid YAML: {_cut(str(exc))}",
-                          fix="fix the YAML syntax") from None
-    except RecursionError:
-        raise PiLoraError(f"{source} nests too deeply", fix="flatten the YAML") from None
-    finally:
-        loader.dispose()
-
-
-def _cut(text: str, limit: int = 4 * ERROR_VALUE_CHARS) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     path = path.resolve()
     if path in chain:
@@ -300,7 +193,7 @@ def _translate(exc: ValidationError) -> list[PiLoraError]:
             known = _fields_at(loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
             fix = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-            errors.append(PiLoraError(f"unknown key {short_repr(loc[-1])}", field=_cut(field),
+            errors.append(PiLoraError(f"unknown key {short_repr(loc[-1])}", field=cut(field),
                                       fix=fix))
         elif item["type"] == "missing":
             errors.append(PiLoraError("is required", field=field, fix=f"add `{loc[-1]}:`"))

@@ -27,6 +27,7 @@ LAYER: dict[str, int] = {
     "errors": 0,
     "digest": 0,
     "quiet": 0,
+    "safe_yaml": 0,  # bounded YAML reading, duplicate keys refused
     # 1: the typed input
     "schema": 1,  # the recipe's pydantic sections
     "recipe": 1,
