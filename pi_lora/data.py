@@ -46,7 +46,10 @@ def expand_files(files: list[str]) -> list[Path]:
     """Glob patterns expanded; each missing entry named by its index in data.files."""
     paths: list[Path] = []
     for index, pattern in enumerate(files):
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        expanded = os.path.expanduser(pattern)
+        # a path that exists is taken as written (its name may hold glob characters: [1])
+        matches = [expanded] if os.path.exists(expanded) else sorted(glob.glob(expanded,
+                                                                               recursive=True))
         found = [Path(m).resolve() for m in matches if Path(m).is_file()]
         if not found:
             raise _no_file(pattern, matches, f"data.files[{index}]")
@@ -63,9 +66,12 @@ def expand_files(files: list[str]) -> list[Path]:
 
 
 def _no_file(pattern: str, matches: list[str], field: str) -> PiLoraError:
-    if matches:  # only directories matched
+    if any(Path(m).is_dir() for m in matches):
         return PiLoraError(f"{pattern} is a directory, not a data file", field=field,
                            fix=f"name the files in it, e.g. {pattern.rstrip('/')}/*.jsonl")
+    if matches:
+        return PiLoraError(f"{pattern} is not a regular file (a broken link?)", field=field,
+                           fix="point data.files at the data files themselves")
     return PiLoraError(f"{pattern} matches no file", field=field,
                        fix="check the path (relative to the current directory)")
 

@@ -84,11 +84,17 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     return recipe
 
 
+MAX_RECIPE_BYTES = 16 << 20
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise PiLoraError(f"recipe {path} is a directory", fix="give the recipe's YAML file")
     if not path.is_file():
         raise PiLoraError(f"recipe file {path} not found", fix="check the path")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise PiLoraError(f"{path} is {path.stat().st_size} bytes, not a recipe",
+                          fix=f"a recipe is a few kB of YAML (at most {MAX_RECIPE_BYTES} bytes)")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:

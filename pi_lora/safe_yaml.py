@@ -105,17 +105,18 @@ def _check_expanded_size(root: yaml.Node, source: str) -> None:
 
 def parse_yaml(text: str, source: str) -> Any:
     """YAML text -> Python values (safe_load semantics, bounded; duplicate keys refused)."""
-    loader = _BoundedLoader(text)
-    loader.source = source
     try:
-        return loader.get_single_data()
+        loader = _BoundedLoader(text)  # refuses control characters (a binary file) already
+        loader.source = source
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise PiLoraError(f"{source} is not valid YAML: {cut(str(exc))}",
                           fix="fix the YAML syntax") from None
     except RecursionError:
         raise PiLoraError(f"{source} nests too deeply", fix="flatten the YAML") from None
-    finally:
-        loader.dispose()
 
 
 def cut(text: str, limit: int = 4 * ERROR_VALUE_CHARS) -> str:

@@ -409,3 +409,32 @@ def test_instruction_values_must_be_text(tokenizer, tmp_path: Path) -> None:
 def test_eval_rope_lengths_are_bounded(rope: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", "no-model", "--rope", rope, "--no-ppl"]) == 2
     assert "--rope" in capsys.readouterr().err
+
+
+def test_recipe_with_control_characters_is_a_message(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_bytes(yaml.safe_dump(BASE).encode() + b"\x00\x01\x02binary\n")
+    assert "not valid YAML" in _validate(path, capsys)
+
+
+def test_oversized_recipe_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import pi_lora.recipe
+
+    monkeypatch.setattr(pi_lora.recipe, "MAX_RECIPE_BYTES", 1000)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "#" * 2000 + "\n")
+    assert "not a recipe" in _validate(path, capsys)
+
+
+def test_broken_link_and_literal_glob_characters_in_data_files(tmp_path: Path) -> None:
+    from pi_lora.data import expand_files
+
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "missing.jsonl")
+    with pytest.raises(PiLoraError, match="not a regular file") as info:
+        expand_files([str(tmp_path / "gone.jsonl")])
+    assert info.value.field == "data.files[0]"
+    literal = tmp_path / "part[1].jsonl"
+    literal.write_text('{"text": "a"}\n')
+    assert expand_files([str(literal)]) == [literal.resolve()]
