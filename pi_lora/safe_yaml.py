@@ -41,13 +41,16 @@ class _BoundedLoader(yaml.SafeLoader):
     would keep the last silently), and a document may expand to at most MAX_YAML_NODES
     values counting every alias expansion (an alias bomb is rejected before it expands)."""
 
-    source = "recipe"
+    def __init__(self, text: str, source: str) -> None:
+        super().__init__(text)
+        self.source = source
+        self.paths: dict[int, str] = {}  # id of a mapping node -> its dotted path
 
     def get_single_data(self) -> Any:
         node = self.get_single_node()
         if node is None:
             return None
-        _check_expanded_size(node, self.source)
+        self.paths = _check_expanded_size(node, self.source)
         return self.construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -59,23 +62,27 @@ class _BoundedLoader(yaml.SafeLoader):
             line = key_node.start_mark.line + 1
             with contextlib.suppress(TypeError):  # unhashable key: reported by YAML itself
                 if key in seen:
+                    parent = self.paths.get(id(node), "")
+                    field = f"{parent}.{key}" if parent else str(key)
                     raise PiLoraError(
                         f"duplicate key {short_repr(key)} on line {line} (first on line "
                         f"{seen[key]}) in {self.source}: YAML would silently keep only the last",
-                        field=cut(str(key), ERROR_VALUE_CHARS), fix="merge the two blocks into one")
+                        field=cut(field, ERROR_VALUE_CHARS), fix="merge the two blocks into one")
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
-def _check_expanded_size(root: yaml.Node, source: str) -> None:
-    """Count the values `root` expands to, an alias counting as a copy of what it names.
+def _check_expanded_size(root: yaml.Node, source: str) -> dict[int, str]:
+    """Count the values `root` expands to, an alias counting as a copy of what it names;
+    return the dotted path of each mapping (where it is first reached).
 
     Each node's size is computed once (memoised), so the count is linear in the document's
     text even for a bomb whose expansion has billions of values."""
     sizes: dict[int, int] = {}
     open_nodes: set[int] = set()
+    paths: dict[int, str] = {}
 
-    def size(node: yaml.Node) -> int:
+    def size(node: yaml.Node, path: str) -> int:
         key = id(node)
         if key in sizes:
             return sizes[key]
@@ -83,14 +90,17 @@ def _check_expanded_size(root: yaml.Node, source: str) -> None:
             raise PiLoraError(f"{source} holds a recursive alias (a value that contains itself)",
                               fix="replace the alias by the values it should repeat")
         open_nodes.add(key)
-        children: list[yaml.Node] = []
+        children: list[tuple[yaml.Node, str]] = []
         if isinstance(node, yaml.SequenceNode):
-            children = node.value
+            children = [(child, f"{path}[{i}]") for i, child in enumerate(node.value)]
         elif isinstance(node, yaml.MappingNode):
-            children = [n for pair in node.value for n in pair]
+            paths[key] = path
+            for key_node, value_node in node.value:
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                children += [(key_node, path), (value_node, f"{path}.{name}" if path else name)]
         total = 1
-        for child in children:
-            total += size(child)
+        for child, child_path in children:
+            total += size(child, cut(child_path, ERROR_VALUE_CHARS))
             if total > MAX_YAML_NODES:
                 raise PiLoraError(
                     f"{source} expands to more than {MAX_YAML_NODES} values (aliases count "
@@ -100,14 +110,14 @@ def _check_expanded_size(root: yaml.Node, source: str) -> None:
         sizes[key] = total
         return total
 
-    size(root)
+    size(root, "")
+    return paths
 
 
 def parse_yaml(text: str, source: str) -> Any:
     """YAML text -> Python values (safe_load semantics, bounded; duplicate keys refused)."""
     try:
-        loader = _BoundedLoader(text)  # refuses control characters (a binary file) already
-        loader.source = source
+        loader = _BoundedLoader(text, source)  # refuses control characters (binary) already
         try:
             return loader.get_single_data()
         finally:

@@ -53,8 +53,9 @@ def test_duplicate_nested_key_is_an_error(tmp_path: Path) -> None:
     text = yaml.safe_dump(BASE, sort_keys=False).replace(
         "  method: linear\n", "  method: linear\n  method: yarn\n")
     path.write_text(text)
-    with pytest.raises(PiLoraError, match=r"duplicate key 'method' on line 5"):
+    with pytest.raises(PiLoraError, match=r"duplicate key 'method' on line 5") as info:
         load_recipe(path)
+    assert info.value.field == "rope.method"
 
 
 def test_merge_keys_may_override_without_being_duplicates(tmp_path: Path) -> None:
