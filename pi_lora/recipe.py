@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from pi_lora.errors import PiLoraError, RecipeErrors
-from pi_lora.safe_yaml import cut, parse_yaml, short_repr
+from pi_lora.safe_yaml import ERROR_VALUE_CHARS, cut, parse_yaml, short_repr
 from pi_lora.schema import (
     MAX_CONTEXT,
     SCALING_METHODS,
@@ -301,11 +301,31 @@ def _data_checks(data: DataSection, rope: RopeSection | None) -> list[PiLoraErro
 
 
 def _check_deepspeed_path(value: str | None) -> list[PiLoraError]:
-    if value is None or resolve_deepspeed_config(value) is not None:
+    if value is None:
         return []
+    path = resolve_deepspeed_config(value)
+    if path is not None:
+        return _check_deepspeed_json(path)
     shipped = sorted(p.stem for p in SHIPPED_DEEPSPEED_DIR.glob("*.json"))
     return [PiLoraError(f"{value} is neither a shipped config nor a file",
                         field="training.deepspeed", fix=f"use one of {shipped} or a JSON path")]
+
+
+def _check_deepspeed_json(path: Path) -> list[PiLoraError]:
+    """The DeepSpeed config is read at launch, long after validation: read it now."""
+    import json
+
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return [PiLoraError(f"{path} is not a JSON file: {cut(str(exc), ERROR_VALUE_CHARS)}",
+                            field="training.deepspeed", fix="give a DeepSpeed JSON config")]
+    except OSError as exc:
+        return [PiLoraError(f"cannot read {path}: {exc.strerror}", field="training.deepspeed")]
+    if not isinstance(config, dict):
+        return [PiLoraError(f"{path} holds no JSON object", field="training.deepspeed",
+                            fix="give a DeepSpeed JSON config")]
+    return []
 
 
 def resolve_deepspeed_config(value: str) -> Path | None:

@@ -439,3 +439,14 @@ def test_broken_link_and_literal_glob_characters_in_data_files(tmp_path: Path) -
     literal = tmp_path / "part[1].jsonl"
     literal.write_text('{"text": "a"}\n')
     assert expand_files([str(literal)]) == [literal.resolve()]
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\xff\x00", b'{"zero_optimization": ', b"[1, 2]"])
+def test_unreadable_deepspeed_config_is_a_recipe_error(tmp_path: Path, content: bytes) -> None:
+    config = tmp_path / "ds.json"
+    config.write_bytes(content)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(deep_merge(BASE, {"training": {"deepspeed": str(config)}})))
+    with pytest.raises(RecipeErrors) as info:
+        load_recipe(path)
+    assert "training.deepspeed" in {e.field for e in info.value.errors}
