@@ -117,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from pi_lora.eval.report import render_markdown
-    from pi_lora.eval.runner import resolve_dtype, run_eval
+    from pi_lora.eval.runner import resolve_device, resolve_dtype, run_eval
     from pi_lora.eval.settings import EvalSettings
     from pi_lora.eval.targets import parse_fraction, parse_length, resolve_targets
 
@@ -139,6 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         settings = EvalSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         raise _eval_option_error(exc) from None
+    resolve_device(settings)  # an unknown or absent device fails here, before any loading
     targets = resolve_targets(args.targets, args.rope, resolve_dtype(settings),
                               args.trust_remote_code)
     report = run_eval(targets, settings, out)

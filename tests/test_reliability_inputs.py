@@ -450,3 +450,11 @@ def test_unreadable_deepspeed_config_is_a_recipe_error(tmp_path: Path, content: 
     with pytest.raises(RecipeErrors) as info:
         load_recipe(path)
     assert "training.deepspeed" in {e.field for e in info.value.errors}
+
+
+@pytest.mark.parametrize("device", ["nonsense", "cuda:99"])
+def test_eval_unknown_device_exits_2(tmp_path: Path, device: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(tmp_path / "no-model"), "--no-ppl", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and "Traceback" not in err
