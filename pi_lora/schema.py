@@ -29,6 +29,7 @@ Tokens = Annotated[int, Field(ge=1, le=MAX_CONTEXT)]
 Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 NonNegativeCount = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 TokenBudget = Annotated[int, Field(ge=1, le=10**15)]  # tokens read in all
+Name = Annotated[str, Field(min_length=1)]  # an empty name or path would mean something else
 PositiveFactor = Annotated[float, Field(gt=0.0, le=1e6)]
 
 
@@ -45,7 +46,7 @@ class QuantizationSection(_Section):
 
 
 class ModelSection(_Section):
-    name: str = Field(description="hub id, local directory, or directory holding `gguf_file`")
+    name: str = Field(min_length=1, description="hub id, local directory, or directory holding `gguf_file`")
     gguf_file: str | None = None
     revision: str | None = None
     tokenizer: str | None = Field(None, description="defaults to `name`")
@@ -83,7 +84,8 @@ class LoraSection(_Section):
     r: int = Field(8, ge=1, le=65536)
     alpha: PositiveFactor = 16.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | None = Field(None, description="per-architecture default")
+    target_modules: list[Name] | None = Field(None, min_length=1,
+                                               description="per-architecture default")
     trainable_extras: list[Extra] = Field(
         default_factory=list, description="LongLoRA 'LoRA+': also train embeddings / norms"
     )
@@ -92,9 +94,9 @@ class LoraSection(_Section):
 class DatasetSource(_Section):
     """A split of a hub dataset: a recipe's training data, and `pi-lora eval`'s documents."""
 
-    name: str
+    name: Name
     config: str | None = None
-    split: str = "train"
+    split: Name = "train"
     revision: str | None = None
 
 
@@ -108,9 +110,9 @@ class LengthMix(_Section):
 class InstructionFields(_Section):
     """Columns of alpaca-style instruction data (LongAlpaca ships this way)."""
 
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
+    instruction: Name = "instruction"
+    input: Name = "input"
+    output: Name = "output"
 
 
 class DataSection(_Section):
@@ -119,8 +121,8 @@ class DataSection(_Section):
     format: Literal["pretrain", "chat", "instruction"] = Field(
         "pretrain", description="pretrain: concatenate + chunk; chat: `messages` with loss on the "
                                 "assistant turns; instruction: alpaca-style columns, as chat")
-    text_field: str = "text"
-    messages_field: str = "messages"
+    text_field: Name = "text"
+    messages_field: Name = "messages"
     instruction_fields: InstructionFields = InstructionFields()
     num_proc: Annotated[int, Field(ge=1, le=1024)] | None = Field(
         None, description="tokenizer processes; default one per core (up to 16) for large data")
@@ -193,7 +195,7 @@ class Recipe(_Section):
     lora: LoraSection = LoraSection()
     data: DataSection = DataSection()
     training: TrainingSection = TrainingSection()
-    output_dir: str
+    output_dir: Name
 
     @property
     def seq_len(self) -> int:

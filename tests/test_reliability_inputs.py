@@ -458,3 +458,15 @@ def test_eval_unknown_device_exits_2(tmp_path: Path, device: str,
     assert main(["eval", str(tmp_path / "no-model"), "--no-ppl", "--device", device]) == 2
     err = capsys.readouterr().err
     assert "--device" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("section", "value"), [
+    ("output_dir", ""), ("model", {"name": ""}), ("lora", {"target_modules": []}),
+    ("data", {"text_field": ""}),
+])
+def test_empty_names_are_errors_not_defaults(tmp_path: Path, section: str, value) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**BASE, section: value}))
+    with pytest.raises(RecipeErrors) as info:
+        load_recipe(path)
+    assert any(e.field.startswith(section) for e in info.value.errors)
