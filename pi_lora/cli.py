@@ -6,15 +6,21 @@ User errors (PiLoraError) print one message per problem and exit 2, never a trac
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pi_lora.errors import EXIT_USER_ERROR, PiLoraError
 from pi_lora.launch import LaunchPlan, add_launch_arguments, plan_from_args
 from pi_lora.provenance import remember_command
 from pi_lora.quiet import VERBOSE_ENV, quiet_third_party
 from pi_lora.recipe import SCALING_METHODS
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 # --------------------------------------------------------------------------- commands
 
@@ -107,6 +113,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# EvalSettings fields -> the flags that set them, so an error names what the user typed
+_EVAL_FLAGS = {"passkey_depths": "--depths", "passkey_trials": "--trials", "ppl_stride": "--stride",
+               "ppl_max_windows": "--max-windows", "documents": "--docs"}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Passkey + perplexity for every target into one report (JSON, Markdown, PNGs)."""
     import time
@@ -114,35 +125,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from pi_lora.eval.report import render_markdown
-    from pi_lora.eval.runner import resolve_dtype, run_eval
+    from pi_lora.eval.runner import resolve_device, resolve_dtype, run_eval
     from pi_lora.eval.settings import EvalSettings
-    from pi_lora.eval.targets import parse_length, resolve_targets
+    from pi_lora.eval.targets import parse_fraction, parse_length, resolve_targets
 
-    def lengths(text: str | None, flag: str) -> list[int] | None:
-        return [parse_length(x, flag) for x in text.split(",")] if text else None
+    def split(text: str | None, parse: Callable[[str, str], float], flag: str) -> list | None:
+        return [parse(x, flag) for x in text.split(",")] if text else None
 
     given = {
         "passkey": not args.no_passkey, "perplexity": not args.no_ppl,
-        "passkey_lengths": lengths(args.passkey_lengths, "--passkey-lengths"),
-        "passkey_depths": [float(x) for x in args.depths.split(",")] if args.depths else None,
+        "passkey_lengths": split(args.passkey_lengths, parse_length, "--passkey-lengths"),
+        "passkey_depths": split(args.depths, parse_fraction, "--depths"),
         "passkey_trials": args.trials, "seed": args.seed, "k_max_threshold": args.k_max_threshold,
-        "ppl_lengths": lengths(args.ppl_lengths, "--ppl-lengths"), "ppl_stride": args.stride,
-        "ppl_mode": args.ppl_mode, "documents": args.docs or None,
+        "ppl_lengths": split(args.ppl_lengths, parse_length, "--ppl-lengths"),
+        "ppl_stride": args.stride, "ppl_mode": args.ppl_mode, "documents": args.docs or None,
         "ppl_max_windows": args.max_windows, "dtype": args.dtype, "device": args.device,
     }
+    out = Path(args.out or f"reports/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_report_dir(out)  # before hours of evaluation, not after
     try:
         settings = EvalSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        flag = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-") or "options"
-        raise PiLoraError(first["msg"], field=flag, fix="see pi-lora eval --help") from None
+        raise _eval_option_error(exc) from None
+    resolve_device(settings)  # an unknown or absent device fails here, before any loading
     targets = resolve_targets(args.targets, args.rope, resolve_dtype(settings),
                               args.trust_remote_code)
-    out = Path(args.out or f"reports/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     report = run_eval(targets, settings, out)
     print(render_markdown(report))
     print(f"pi-lora: report written to {out}/report.md (numbers and protocol: {out}/report.json)")
     return 0
+
+
+def _eval_option_error(exc: ValidationError) -> PiLoraError:
+    """The first bad option, named by its flag, its value cut short."""
+    from pi_lora.safe_yaml import short_repr
+
+    first = exc.errors()[0]
+    name = str(first["loc"][0]) if first["loc"] else ""
+    flag = _EVAL_FLAGS.get(name, "--" + name.replace("_", "-")) if name else "options"
+    got = f" (got {short_repr(first['input'])})" if name and "input" in first else ""
+    return PiLoraError(f"{first['msg']}{got}", field=flag, fix="see pi-lora eval --help")
+
+
+def _check_report_dir(out: Path) -> None:
+    """The report directory can be created (or is one): not a file, not under a file."""
+    if out.exists() and not out.is_dir():
+        raise PiLoraError(f"{out} is an existing file, not a directory", field="--out",
+                          fix="give a directory for the report (new or existing)")
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise PiLoraError(f"{parent} is a file, so {out} cannot be created", field="--out",
+                          fix="give a directory path for the report")
+    if not os.access(out if out.exists() else parent, os.W_OK):
+        raise PiLoraError(f"cannot write to {out if out.exists() else parent}", field="--out",
+                          fix="choose a writable directory")
 
 
 def cmd_plan(recipe_path: str, overrides: list[str], gpu: str, gpus: int, nodes: int,
@@ -165,6 +201,35 @@ def cmd_plan(recipe_path: str, overrides: list[str], gpu: str, gpus: int, nodes:
 
 
 # --------------------------------------------------------------------------- parser
+
+
+def _bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], else argparse's message and exit 2."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+_positive = _bounded_int(1, 2**31 - 1, "a positive integer")
+_count = _bounded_int(1, 1 << 16, "a positive count")
+_seed = _bounded_int(0, 2**32 - 1, "an integer in [0, 2**32-1]")
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -200,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--output", help="release directory (default: release/RUN_NAME)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: model.dtype")
-    p.add_argument("--probe-tokens", type=int, help="verification length (default: original+128)")
+    p.add_argument("--probe-tokens", type=_positive,
+                   help="verification length (default: original+128)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing release (only a directory pi-lora merge wrote)")
     p.add_argument("--verify", choices=["auto", "full", "layers"], default="auto",
@@ -220,14 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report directory (default: reports/eval-TIMESTAMP)")
     p.add_argument("--passkey-lengths", help="comma list, e.g. 1k,2k,4k,8k")
     p.add_argument("--depths", help="key depths as fractions, e.g. 0,0.25,0.5,0.75,1")
-    p.add_argument("--trials", type=int, help="trials per (length, depth)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--k-max-threshold", type=float, help="success rate for k_max (paper: 0.2)")
+    p.add_argument("--trials", type=_positive, help="trials per (length, depth)")
+    p.add_argument("--seed", type=_seed)
+    p.add_argument("--k-max-threshold", type=_finite_float, help="success rate for k_max (paper: 0.2)")
     p.add_argument("--ppl-lengths", help="comma list, e.g. 2k,4k,8k,16k")
-    p.add_argument("--stride", type=int, help="sliding-window stride (default 256)")
+    p.add_argument("--stride", type=_positive, help="sliding-window stride (default 256)")
     p.add_argument("--ppl-mode", choices=["sliding", "whole-window"])
     p.add_argument("--docs", action="append", type=Path, help="text file or directory (repeatable)")
-    p.add_argument("--max-windows", type=int, help="windows per length (bounds cost)")
+    p.add_argument("--max-windows", type=_positive, help="windows per length (bounds cost)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
                    help="auto (default): bf16 on GPUs and CPUs that compute it natively, else fp32")
     p.add_argument("--device")
@@ -241,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--gpu", default="h100-80gb",
                    help="device: h100-80gb, h200, a100-80gb, a100-40gb, l40s, rtx4090, ..., cpu")
-    p.add_argument("--gpus", type=int, default=1, help="devices per node")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus", type=_count, default=1, help="devices per node")
+    p.add_argument("--nodes", type=_count, default=1)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=lambda a: cmd_plan(a.recipe, a.overrides, a.gpu, a.gpus, a.nodes, a.json))
     return parser

@@ -16,13 +16,14 @@ import itertools
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pi_lora import packing
+from pi_lora import packing, records
 from pi_lora.digest import cache_root, file_sha256
 from pi_lora.errors import PiLoraError
 from pi_lora.packing import ConversationCounts
@@ -45,20 +46,34 @@ def expand_files(files: list[str]) -> list[Path]:
     """Glob patterns expanded; each missing entry named by its index in data.files."""
     paths: list[Path] = []
     for index, pattern in enumerate(files):
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        if not matches:
-            raise PiLoraError(f"{pattern} matches no file", field=f"data.files[{index}]",
-                              fix="check the path (relative to the current directory)")
-        paths += [Path(m).resolve() for m in matches if Path(m).is_file()]
-    suffixes = {p.suffix for p in paths}
-    unknown = suffixes - set(_BUILDERS)
+        expanded = os.path.expanduser(pattern)
+        # a path that exists is taken as written (its name may hold glob characters: [1])
+        matches = [expanded] if os.path.exists(expanded) else sorted(glob.glob(expanded,
+                                                                               recursive=True))
+        found = [Path(m).resolve() for m in matches if Path(m).is_file()]
+        if not found:
+            raise _no_file(pattern, matches, f"data.files[{index}]")
+        paths += found
+    unknown = sorted({p.suffix for p in paths} - set(_BUILDERS))
     if unknown:
-        raise PiLoraError(f"unsupported file type(s) {sorted(unknown)}", field="data.files",
+        example = next(p for p in paths if p.suffix in unknown)
+        raise PiLoraError(f"unsupported file type(s) {unknown} (e.g. {example})", field="data.files",
                           fix=f"use one of {sorted(_BUILDERS)}")
-    if len({_BUILDERS[s] for s in suffixes}) > 1:
+    if len({_BUILDERS[p.suffix] for p in paths}) > 1:
         raise PiLoraError("files mix formats", field="data.files",
                           fix="use one format per recipe (all text, all jsonl or all parquet)")
     return paths
+
+
+def _no_file(pattern: str, matches: list[str], field: str) -> PiLoraError:
+    if any(Path(m).is_dir() for m in matches):
+        return PiLoraError(f"{pattern} is a directory, not a data file", field=field,
+                           fix=f"name the files in it, e.g. {pattern.rstrip('/')}/*.jsonl")
+    if matches:
+        return PiLoraError(f"{pattern} is not a regular file (a broken link?)", field=field,
+                           fix="point data.files at the data files themselves")
+    return PiLoraError(f"{pattern} matches no file", field=field,
+                       fix="check the path (relative to the current directory)")
 
 
 def load_raw(data: DataSection) -> Any:
@@ -70,8 +85,9 @@ def load_raw(data: DataSection) -> Any:
         paths = expand_files(data.files)
         builder = _BUILDERS[paths[0].suffix]
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
-                                     streaming=data.streaming, **kwargs)
+        with reading_files(paths, loading=True):
+            return datasets.load_dataset(builder, data_files=[str(p) for p in paths],
+                                         split="train", streaming=data.streaming, **kwargs)
     assert data.dataset is not None
     source = data.dataset
     try:
@@ -81,6 +97,25 @@ def load_raw(data: DataSection) -> Any:
         raise PiLoraError(f"cannot load dataset {source.name!r}: {str(exc).splitlines()[0][:200]}",
                           field="data.dataset.name",
                           fix="download it first, or use data.files with local files") from None
+
+
+@contextlib.contextmanager
+def reading_files(paths: list[Path], *, loading: bool = False) -> Iterator[None]:
+    """Where `datasets` reads local files (at load, or for a stream at each read): a file it
+    cannot parse becomes one message naming the file, and the line where one can be found.
+    While `loading`, any failure is the files'; later (a stream) only one found in them is."""
+    try:
+        yield
+    except PiLoraError:
+        raise
+    except Exception as exc:  # datasets / pyarrow raise many types for a bad file
+        if not paths:
+            raise
+        builder = _BUILDERS[paths[0].suffix]
+        problem = records.find_problem(paths, builder)
+        if problem is None and not loading:
+            raise
+        raise problem or records.unreadable(paths, builder, exc) from None
 
 
 def _require_column(raw: Any, column: str, field: str) -> None:
@@ -129,6 +164,7 @@ def _sequences(data: DataSection, tokenizer: Any, seq_len: int, seed: int,
     num_proc = packing.auto_num_proc(len(raw), data.num_proc)
     if data.format == "pretrain":
         _require_column(raw, data.text_field, "data.text_field")
+        records.check_text_column(raw, data.text_field, "data.text_field", _where(data))
         tokens = packing.tokenize_documents_up_to(raw, tokenizer, data.text_field, num_proc,
                                                   str(work / "tokens"), data.max_tokens)
         blocks = packing.pack_wrapped(tokens, seq_len, data.max_tokens, str(work / "packed.arrow"))
@@ -138,8 +174,11 @@ def _sequences(data: DataSection, tokenizer: Any, seq_len: int, seed: int,
         return blocks, None
     _check_chat_template(tokenizer)
     columns, to_messages = _conversation_reader(data, raw)
-    tokens = packing.tokenize_conversations(raw, tokenizer, to_messages, columns, num_proc,
-                                            str(work / "tokens.arrow"))
+    try:
+        tokens = packing.tokenize_conversations(raw, tokenizer, to_messages, columns, num_proc,
+                                                str(work / "tokens.arrow"))
+    except PiLoraError as err:
+        raise _at_record(err, raw, columns, to_messages, _where(data)) from None
     fitting, counts = packing.fit_conversations(tokens, seq_len)
     return packing.pack_conversations(fitting, seq_len, str(work / "packed.arrow")), counts
 
@@ -148,14 +187,39 @@ def _conversation_reader(data: DataSection, raw: Any) -> tuple[list[str], Any]:
     """The columns a conversation is read from and how they become chat messages."""
     if data.format == "chat":
         _require_column(raw, data.messages_field, "data.messages_field")
-        return [data.messages_field], lambda messages: messages
+        return [data.messages_field], records.chat_messages
     fields = data.instruction_fields
     _require_column(raw, fields.instruction, "data.instruction_fields.instruction")
     _require_column(raw, fields.output, "data.instruction_fields.output")
     if fields.input in packing.column_names(raw):
-        return [fields.instruction, fields.input, fields.output], packing.alpaca_messages
-    return ([fields.instruction, fields.output],
-            lambda instruction, output: packing.alpaca_messages(instruction, None, output))
+        return [fields.instruction, fields.input, fields.output], _alpaca
+    return [fields.instruction, fields.output], lambda instruction, output: _alpaca(
+        instruction, None, output)
+
+
+def _at_record(err: PiLoraError, raw: Any, columns: list[str], to_messages: Any,
+               where: str) -> PiLoraError:
+    """`err` (raised inside a tokenizing worker) with the first record it concerns: the
+    records are read again, in this process, only now that one has failed."""
+    for index, row in enumerate(raw.select_columns(columns)):
+        try:
+            to_messages(*(row[c] for c in columns))
+        except PiLoraError:
+            return PiLoraError(f"record {index + 1} of {where}: {err.message}", field=err.field,
+                               fix=err.fix)
+    return PiLoraError(f"{where}: {err.message}", field=err.field, fix=err.fix)
+
+
+def _alpaca(instruction: Any, extra: Any, output: Any) -> list[dict[str, str]]:
+    records.alpaca_fields(instruction, extra, output)
+    return packing.alpaca_messages(instruction, extra, output)
+
+
+def _where(data: DataSection) -> str:
+    """The data's source, as a message names it."""
+    if not data.files:
+        return f"dataset {data.dataset.name if data.dataset else '?'}"
+    return data.files[0] if len(data.files) == 1 else f"data.files ({len(data.files)} entries)"
 
 
 def build_train_dataset(data: DataSection, tokenizer: Any, seq_len: int, *, seed: int,
@@ -194,19 +258,20 @@ def _stream(data: DataSection, tokenizer: Any, seq_len: int, seed: int) -> Built
     import datasets
 
     raw = load_raw(data)
-    if data.format == "pretrain":
-        _require_column(raw, data.text_field, "data.text_field")
-        tokens = packing.tokenize_documents(raw, tokenizer, data.text_field, None)
-        rows = packing.stream_blocks(tokens, seq_len, data.max_tokens)
-    else:
-        _check_chat_template(tokenizer)
-        columns, to_messages = _conversation_reader(data, raw)
-        tokens = packing.tokenize_conversations(raw, tokenizer, to_messages, columns, None)
-        rows = packing.pack_conversations(packing.stream_fitting(tokens, seq_len), seq_len)
-    held_out = list(rows.take(data.validation_sequences)) if data.validation_sequences else []
+    with reading_files(expand_files(data.files) if data.files else []):
+        if data.format == "pretrain":
+            _require_column(raw, data.text_field, "data.text_field")
+            tokens = packing.tokenize_documents(raw, tokenizer, data.text_field, None)
+            rows = packing.stream_blocks(tokens, seq_len, data.max_tokens)
+        else:
+            _check_chat_template(tokenizer)
+            columns, to_messages = _conversation_reader(data, raw)
+            tokens = packing.tokenize_conversations(raw, tokenizer, to_messages, columns, None)
+            rows = packing.pack_conversations(packing.stream_fitting(tokens, seq_len), seq_len)
+        held_out = list(rows.take(data.validation_sequences)) if data.validation_sequences else []
+        sample = [len(r[packing.TOKENS]) for r in rows.take(STREAM_SAMPLE_ROWS)]
     validation = datasets.Dataset.from_list(held_out) if held_out else None
     train = rows.skip(len(held_out)).shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_ROWS)
-    sample = [len(r[packing.TOKENS]) for r in rows.take(STREAM_SAMPLE_ROWS)]
     if not sample:
         raise PiLoraError(f"the data stream gives no sequence of {seq_len} tokens",
                           field="data.files" if data.files else "data.dataset",

@@ -62,6 +62,12 @@ def resolve_source(model: ModelSection) -> ModelSource:
 
 
 def _hub_error(model: ModelSection, exc: Exception) -> PiLoraError:
+    if "trust_remote_code" in str(exc) and not model.trust_remote_code:
+        return PiLoraError(
+            f"{model.name!r} runs its own modelling code, which is off by default",
+            field="model.trust_remote_code",
+            fix="if you trust that code, set model.trust_remote_code: true in the recipe "
+                "(pi-lora eval: --trust-remote-code)")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     return PiLoraError(
         f"cannot load {model.name!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",

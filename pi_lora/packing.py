@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from pi_lora import records
+
 TOKENS = "input_ids"
 MASK = "assistant_masks"
 LENGTHS = "seq_lengths"  # trl's name
@@ -76,6 +78,8 @@ def tokenize_documents(raw: Any, tokenizer: Any, field: str, num_proc: int | Non
     eos = tokenizer.eos_token_id
 
     def encode(texts: list[str | None]) -> dict[str, list[list[int]]]:
+        for text in texts:  # a Dataset's column is checked ahead; a stream's here
+            records.check_text(text, field, "data.text_field")
         texts = [t or "" for t in texts]
         ids = tokenizer(texts, add_special_tokens=True, return_attention_mask=False,
                         return_token_type_ids=False)["input_ids"]

@@ -9,11 +9,12 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from pi_lora.errors import PiLoraError, RecipeErrors
+from pi_lora.safe_yaml import ERROR_VALUE_CHARS, cut, parse_yaml, short_repr
 from pi_lora.schema import (
+    MAX_CONTEXT,
     SCALING_METHODS,
     SHIPPED_DEEPSPEED_DIR,
     DataSection,
@@ -34,6 +35,7 @@ from pi_lora.schema import (
 )
 
 __all__ = [
+    "MAX_CONTEXT",
     "SCALING_METHODS",
     "SHIPPED_DEEPSPEED_DIR",
     "DType",
@@ -82,13 +84,26 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     return recipe
 
 
+MAX_RECIPE_BYTES = 16 << 20
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise PiLoraError(f"recipe {path} is a directory", fix="give the recipe's YAML file")
     if not path.is_file():
         raise PiLoraError(f"recipe file {path} not found", fix="check the path")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise PiLoraError(f"{path} is {path.stat().st_size} bytes, not a recipe",
+                          fix=f"a recipe is a few kB of YAML (at most {MAX_RECIPE_BYTES} bytes)")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PiLoraError(f"{path} is not valid YAML: {exc}", fix="fix the YAML syntax") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PiLoraError(f"{path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})",
+                          fix="save the recipe as UTF-8 YAML") from None
+    except OSError as exc:
+        raise PiLoraError(f"cannot read {path}: {exc.strerror}", fix="check the path and its "
+                          "permissions") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -131,18 +146,26 @@ def deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     """`training.learning_rate=1e-4`: the value is parsed as YAML so types come out right."""
     if "=" not in item:
-        raise PiLoraError(f"--set {item!r} is not KEY=VALUE", fix="--set training.max_steps=10")
+        raise PiLoraError(f"--set {short_repr(item)} is not KEY=VALUE",
+                          fix="--set training.max_steps=10")
     key, _, text = item.partition("=")
     parts = key.strip().split(".")
+    if not all(parts):
+        raise PiLoraError(f"--set {short_repr(item)}: empty key", field=key or "--set",
+                          fix="--set training.max_steps=10")
     node = raw
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`training:`)
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise PiLoraError(f"--set {key}: {part} is not a section", field=key)
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(text)
-    except yaml.YAMLError:
+        node[parts[-1]] = parse_yaml(text, f"--set {key}")
+    except PiLoraError as err:
+        if "not valid YAML" not in err.message:
+            raise  # a bomb or a duplicate key is refused, not read as a string
         node[parts[-1]] = text
 
 
@@ -163,20 +186,29 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     return list(cls.model_fields)
 
 
+MAX_REPORTED_ERRORS = 20  # a 10k-item list of wrong types is one problem, not 10k lines
+
+
 def _translate(exc: ValidationError) -> list[PiLoraError]:
     errors = []
-    for item in exc.errors():
+    items = exc.errors()
+    for item in items[:MAX_REPORTED_ERRORS]:
         loc = tuple(item["loc"])
         field = ".".join(str(p) for p in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
             known = _fields_at(loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
             fix = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-            errors.append(PiLoraError(f"unknown key '{loc[-1]}'", field=field, fix=fix))
+            errors.append(PiLoraError(f"unknown key {short_repr(loc[-1])}", field=cut(field),
+                                      fix=fix))
         elif item["type"] == "missing":
             errors.append(PiLoraError("is required", field=field, fix=f"add `{loc[-1]}:`"))
         else:
-            errors.append(PiLoraError(f"{item['msg']} (got {item.get('input')!r})", field=field))
+            errors.append(PiLoraError(f"{item['msg']} (got {short_repr(item.get('input'))})",
+                                      field=field))
+    if len(items) > MAX_REPORTED_ERRORS:
+        errors.append(PiLoraError(f"... and {len(items) - MAX_REPORTED_ERRORS} more schema "
+                                  "problem(s) like these", fix="fix the ones above first"))
     return errors
 
 
@@ -269,11 +301,31 @@ def _data_checks(data: DataSection, rope: RopeSection | None) -> list[PiLoraErro
 
 
 def _check_deepspeed_path(value: str | None) -> list[PiLoraError]:
-    if value is None or resolve_deepspeed_config(value) is not None:
+    if value is None:
         return []
+    path = resolve_deepspeed_config(value)
+    if path is not None:
+        return _check_deepspeed_json(path)
     shipped = sorted(p.stem for p in SHIPPED_DEEPSPEED_DIR.glob("*.json"))
     return [PiLoraError(f"{value} is neither a shipped config nor a file",
                         field="training.deepspeed", fix=f"use one of {shipped} or a JSON path")]
+
+
+def _check_deepspeed_json(path: Path) -> list[PiLoraError]:
+    """The DeepSpeed config is read at launch, long after validation: read it now."""
+    import json
+
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return [PiLoraError(f"{path} is not a JSON file: {cut(str(exc), ERROR_VALUE_CHARS)}",
+                            field="training.deepspeed", fix="give a DeepSpeed JSON config")]
+    except OSError as exc:
+        return [PiLoraError(f"cannot read {path}: {exc.strerror}", field="training.deepspeed")]
+    if not isinstance(config, dict):
+        return [PiLoraError(f"{path} holds no JSON object", field="training.deepspeed",
+                            fix="give a DeepSpeed JSON config")]
+    return []
 
 
 def resolve_deepspeed_config(value: str) -> Path | None:

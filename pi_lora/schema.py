@@ -5,18 +5,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-)
+from pydantic import BaseModel, ConfigDict, Field
 
 from pi_lora.errors import PiLoraError
 
@@ -29,8 +21,20 @@ Extra = Literal["embeddings", "norms", "lm_head"]
 SHIPPED_DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed_configs"
 
 
+# Every number a recipe holds is finite and bounded: an infinite learning rate or a dropout
+# of 1.5 is a validation error here, not a NaN loss or a hang hours into a run.
+MAX_CONTEXT = 1 << 25  # tokens (32M): beyond any model's window
+MAX_COUNT = 2**31 - 1  # steps, sequences: what int32 counters and schedulers hold
+Tokens = Annotated[int, Field(ge=1, le=MAX_CONTEXT)]
+Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
+NonNegativeCount = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+TokenBudget = Annotated[int, Field(ge=1, le=10**15)]  # tokens read in all
+Name = Annotated[str, Field(min_length=1)]  # an empty name or path would mean something else
+PositiveFactor = Annotated[float, Field(gt=0.0, le=1e6)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class QuantizationSection(_Section):
@@ -42,7 +46,7 @@ class QuantizationSection(_Section):
 
 
 class ModelSection(_Section):
-    name: str = Field(description="hub id, local directory, or directory holding `gguf_file`")
+    name: str = Field(min_length=1, description="hub id, local directory, or directory holding `gguf_file`")
     gguf_file: str | None = None
     revision: str | None = None
     tokenizer: str | None = Field(None, description="defaults to `name`")
@@ -50,26 +54,26 @@ class ModelSection(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
     quantization: QuantizationSection | None = None
-    sliding_window: PositiveInt | Literal["none"] | None = Field(
+    sliding_window: Tokens | Literal["none"] | None = Field(
         None, description="tokens each layer attends back: unset keeps the model's, `none` "
                           "attends over the whole (extended) context")
 
 
 class YarnOptions(_Section):
-    beta_fast: PositiveFloat = 32.0
-    beta_slow: PositiveFloat = 1.0
-    attention_factor: PositiveFloat | None = None
+    beta_fast: PositiveFactor = 32.0
+    beta_slow: PositiveFactor = 1.0
+    attention_factor: PositiveFactor | None = None
 
 
 class Llama3Options(_Section):
-    low_freq_factor: PositiveFloat = 1.0
-    high_freq_factor: PositiveFloat = 4.0
+    low_freq_factor: PositiveFactor = 1.0
+    high_freq_factor: PositiveFactor = 4.0
 
 
 class RopeSection(_Section):
     method: RopeMethod
-    target_context: PositiveInt
-    original_context: PositiveInt | None = Field(
+    target_context: Tokens
+    original_context: Tokens | None = Field(
         None, description="pretraining window; read from the model config when omitted"
     )
     yarn: YarnOptions = YarnOptions()
@@ -77,10 +81,11 @@ class RopeSection(_Section):
 
 
 class LoraSection(_Section):
-    r: PositiveInt = 8
-    alpha: PositiveFloat = 16.0
-    dropout: NonNegativeFloat = 0.05
-    target_modules: list[str] | None = Field(None, description="per-architecture default")
+    r: int = Field(8, ge=1, le=65536)
+    alpha: PositiveFactor = 16.0
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[Name] | None = Field(None, min_length=1,
+                                               description="per-architecture default")
     trainable_extras: list[Extra] = Field(
         default_factory=list, description="LongLoRA 'LoRA+': also train embeddings / norms"
     )
@@ -89,25 +94,25 @@ class LoraSection(_Section):
 class DatasetSource(_Section):
     """A split of a hub dataset: a recipe's training data, and `pi-lora eval`'s documents."""
 
-    name: str
+    name: Name
     config: str | None = None
-    split: str = "train"
+    split: Name = "train"
     revision: str | None = None
 
 
 class LengthMix(_Section):
     """A share of training sequences cut at a shorter length (keeps short-range skills)."""
 
-    seq_len: PositiveInt
+    seq_len: Tokens
     fraction: float = Field(gt=0.0, lt=1.0)
 
 
 class InstructionFields(_Section):
     """Columns of alpaca-style instruction data (LongAlpaca ships this way)."""
 
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
+    instruction: Name = "instruction"
+    input: Name = "input"
+    output: Name = "output"
 
 
 class DataSection(_Section):
@@ -116,53 +121,53 @@ class DataSection(_Section):
     format: Literal["pretrain", "chat", "instruction"] = Field(
         "pretrain", description="pretrain: concatenate + chunk; chat: `messages` with loss on the "
                                 "assistant turns; instruction: alpaca-style columns, as chat")
-    text_field: str = "text"
-    messages_field: str = "messages"
+    text_field: Name = "text"
+    messages_field: Name = "messages"
     instruction_fields: InstructionFields = InstructionFields()
-    num_proc: PositiveInt | None = Field(
+    num_proc: Annotated[int, Field(ge=1, le=1024)] | None = Field(
         None, description="tokenizer processes; default one per core (up to 16) for large data")
     streaming: bool = Field(
         False, description="read files / the hub dataset as a stream, tokenized and packed on "
                            "the fly, nothing cached (data too large to download or copy)")
-    seq_len: PositiveInt | None = Field(None, description="defaults to rope.target_context")
+    seq_len: Tokens | None = Field(None, description="defaults to rope.target_context")
     short_mix: LengthMix | None = None
-    max_tokens: PositiveInt | None = Field(None, description="stop reading after this many")
-    validation_sequences: NonNegativeInt = Field(
+    max_tokens: TokenBudget | None = Field(None, description="stop reading after this many")
+    validation_sequences: NonNegativeCount = Field(
         0, description="sequences held out of training; their loss is logged every eval_steps")
     cache_dir: str | None = None
 
 
 class TrainingSection(_Section):
-    max_steps: PositiveInt = 1000
-    learning_rate: PositiveFloat = 2e-5
-    warmup_steps: NonNegativeInt = 20
+    max_steps: Count = 1000
+    learning_rate: float = Field(2e-5, gt=0.0, le=1.0)
+    warmup_steps: NonNegativeCount = 20
     lr_scheduler: Literal["constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
-    weight_decay: NonNegativeFloat = 0.0
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     adam_beta1: float = Field(0.9, gt=0.0, lt=1.0)
     adam_beta2: float = Field(0.95, gt=0.0, lt=1.0)
-    max_grad_norm: NonNegativeFloat = 1.0
-    per_device_batch_size: PositiveInt = 1
-    gradient_accumulation_steps: PositiveInt = 1
-    global_batch_size: PositiveInt | None = Field(
+    max_grad_norm: float = Field(1.0, ge=0.0, le=1e6)
+    per_device_batch_size: Annotated[int, Field(ge=1, le=1 << 20)] = 1
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=1 << 20)] = 1
+    global_batch_size: Annotated[int, Field(ge=1, le=1 << 30)] | None = Field(
         None, description="sequences per optimizer step over all processes; accumulation is "
                           "derived from the process count (instead of gradient_accumulation_steps)")
     gradient_checkpointing: bool = True
     offload_checkpoints: bool = Field(
         False, description="GPU only: keep the checkpointed layer inputs in pinned host memory")
     precision: DType = "bf16"
-    seed: int = 42
-    save_steps: PositiveInt = 100
-    eval_steps: PositiveInt | None = Field(
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seed range
+    save_steps: Count = 100
+    eval_steps: Count | None = Field(
         None, description="loss on data.validation_sequences every N steps; default save_steps")
-    save_total_limit: PositiveInt | None = 2
+    save_total_limit: Count | None = 2
     save_on_each_node: bool = Field(
         False, description="multi-node without shared storage: each node keeps its own run "
                            "directory and checkpoints, so every node can resume")
-    logging_steps: PositiveInt = 1
+    logging_steps: Count = 1
     deepspeed: str | None = Field(None, description="zero2 | zero3 | zero3_offload | a json path")
     report_to: Literal["auto", "none", "tensorboard", "wandb"] = "auto"
     chunked_loss: bool = True
-    loss_chunk_tokens: PositiveInt = 1024
+    loss_chunk_tokens: Tokens = 1024
     s2_attn: bool = False
     s2_group_fraction: float = Field(0.25, gt=0.0, le=1.0)
 
@@ -190,7 +195,7 @@ class Recipe(_Section):
     lora: LoraSection = LoraSection()
     data: DataSection = DataSection()
     training: TrainingSection = TrainingSection()
-    output_dir: str
+    output_dir: Name
 
     @property
     def seq_len(self) -> int:

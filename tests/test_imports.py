@@ -27,6 +27,7 @@ LAYER: dict[str, int] = {
     "errors": 0,
     "digest": 0,
     "quiet": 0,
+    "safe_yaml": 0,  # bounded YAML reading, duplicate keys refused
     # 1: the typed input
     "schema": 1,  # the recipe's pydantic sections
     "recipe": 1,
@@ -40,6 +41,7 @@ LAYER: dict[str, int] = {
     "data": 3,
     "packing": 3,  # Arrow tokenizing and packing that data assembles
     "checkpoint": 3,  # the base's weights read tensor by tensor (safetensors shards, GGUF)
+    "records": 3,  # local data files' records: checked, diagnosed, chat layouts mapped
     # 4: training machinery and the record of what went in
     "loss": 4,
     "attention": 4,

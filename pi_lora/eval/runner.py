@@ -21,6 +21,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pi_lora.dtypes import auto_dtype, torch_dtype
+from pi_lora.errors import PiLoraError
 from pi_lora.eval import passkey, perplexity, report, texts
 from pi_lora.eval.settings import EvalSettings
 
@@ -40,7 +41,17 @@ def resolve_device(settings: EvalSettings) -> torch.device:
     """settings.device, with "auto" = the GPU when there is one."""
     if settings.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(settings.device)
+    try:
+        device = torch.device(settings.device)
+    except RuntimeError:
+        raise PiLoraError(f"{settings.device[:40]!r} is not a device", field="--device",
+                          fix="auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise PiLoraError(f"{settings.device} is not available here "
+                          f"({torch.cuda.device_count()} CUDA device(s))", field="--device",
+                          fix="--device cpu, or auto")
+    return device
 
 
 def resolve_dtype(settings: EvalSettings) -> torch.dtype:

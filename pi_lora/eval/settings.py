@@ -7,40 +7,45 @@ down) both read it without importing each other.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pi_lora.eval.perplexity import PplMode
-from pi_lora.recipe import DatasetSource
+from pi_lora.recipe import MAX_CONTEXT, DatasetSource
+
+# finite and bounded, as a recipe's numbers are: a typo must not start a week-long sweep
+Length = Annotated[int, Field(ge=1, le=MAX_CONTEXT)]
+Count = Annotated[int, Field(ge=1, le=1_000_000)]
 
 
 class EvalSettings(BaseModel):
     """The whole protocol: every default of `pi-lora eval` lives here, and all of it is
     written to the report."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     passkey: bool = True
-    passkey_lengths: list[PositiveInt] = [1024, 2048, 4096, 8192]
+    passkey_lengths: list[Length] = [1024, 2048, 4096, 8192]
     passkey_depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
-    passkey_trials: PositiveInt = 2  # per (length, depth): 5 depths x 2 = 10 per length (PI)
-    seed: int = 0
+    # per (length, depth): 5 depths x 2 = 10 per length (PI)
+    passkey_trials: Annotated[int, Field(ge=1, le=10_000)] = 2
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     k_max_threshold: float = Field(0.2, gt=0.0, le=1.0)
-    max_new_tokens: PositiveInt = 12
+    max_new_tokens: Count = 12
     perplexity: bool = True
-    ppl_lengths: list[PositiveInt] = [2048, 4096, 8192]
-    ppl_stride: PositiveInt = 256
+    ppl_lengths: list[Length] = [2048, 4096, 8192]
+    ppl_stride: Length = 256
     ppl_mode: PplMode = "sliding"
     documents: list[Path] = []
     # a `datasets` split read as perplexity documents, one row = one document; the same
     # source type a recipe's `data.dataset` uses, so both name a split the same way
     dataset: DatasetSource | None = None
     dataset_text_field: str = "text"
-    dataset_max_documents: PositiveInt | None = 1  # None = every row of the split
-    ppl_max_windows: PositiveInt | None = 16  # per length; None = the whole text
-    ppl_max_tokens: PositiveInt | None = None  # scored tokens per length
-    ppl_span_tokens: PositiveInt | None = None  # every length scores the same first N tokens
-    chunk_tokens: PositiveInt = 1024  # lm_head rows per chunk when scoring
+    dataset_max_documents: Count | None = 1  # None = every row of the split
+    ppl_max_windows: Count | None = 16  # per length; None = the whole text
+    ppl_max_tokens: Annotated[int, Field(ge=1, le=10**12)] | None = None  # scored tokens per length
+    ppl_span_tokens: Length | None = None  # every length scores the same first N tokens
+    chunk_tokens: Length = 1024  # lm_head rows per chunk when scoring
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where computed natively
     device: str = "auto"  # auto: cuda if available, else cpu
     progress: bool = True

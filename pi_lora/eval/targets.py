@@ -20,7 +20,7 @@ from pi_lora.dtypes import dtype_name
 from pi_lora.errors import PiLoraError
 from pi_lora.eval.runner import EvalTarget, ModelPair
 from pi_lora.model import load_config, load_model, load_tokenizer
-from pi_lora.recipe import SCALING_METHODS, ModelSection
+from pi_lora.recipe import MAX_CONTEXT, SCALING_METHODS, ModelSection
 from pi_lora.release import is_release
 from pi_lora.rope import RopePlan, rope_override
 from pi_lora.rundir import RunDir
@@ -49,9 +49,23 @@ def parse_length(text: str, field: str) -> int:
     """`16384`, `16k` or `16K` (k = 1024, as context windows are counted)."""
     text = text.strip().lower()
     try:
-        return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+        length = int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+    except (ValueError, OverflowError):
+        raise PiLoraError(f"{text[:40]!r} is not a length", field=field,
+                          fix="e.g. 4096 or 4k") from None
+    if not 1 <= length <= MAX_CONTEXT:
+        raise PiLoraError(f"{text[:40]!r} is not a length in 1..{MAX_CONTEXT} tokens",
+                          field=field, fix="e.g. 4096 or 4k")
+    return length
+
+
+def parse_fraction(text: str, field: str) -> float:
+    """A key depth: a number in [0, 1] (range checked with the rest of the settings)."""
+    try:
+        return float(text)
     except ValueError:
-        raise PiLoraError(f"{text!r} is not a length", field=field, fix="e.g. 4096 or 4k") from None
+        raise PiLoraError(f"{text.strip()[:40]!r} is not a number", field=field,
+                          fix="fractions of the filler, e.g. 0,0.25,0.5,0.75,1") from None
 
 
 def resolve_targets(specs: list[str], ropes: list[str], dtype: torch.dtype,

@@ -51,8 +51,19 @@ def load_documents(paths: Sequence[Path]) -> list[Document]:
             )
         for file in files:
             name = str(file.relative_to(path)) if path.is_dir() else file.name
-            documents.append(Document(name, file.read_text(encoding="utf-8"), str(file)))
+            documents.append(Document(name, _read_text(file), str(file)))
     return documents
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PiLoraError(f"document {file} is not UTF-8 text (byte {exc.start})",
+                          field="documents", fix="pass UTF-8 text files") from None
+    except OSError as exc:
+        raise PiLoraError(f"cannot read document {file}: {exc.strerror}", field="documents",
+                          fix="check the path and its permissions") from None
 
 
 def load_dataset_documents(source: DatasetSource, text_field: str = "text",
@@ -68,7 +79,13 @@ def load_dataset_documents(source: DatasetSource, text_field: str = "text",
             field="dataset_text_field", fix="name the text column")
     count = len(rows) if max_documents is None else min(max_documents, len(rows))
     label = f"{source.name}:{source.config or ''}:{source.split}"
-    return [Document(f"{label}#{i}", rows[i][text_field], label) for i in range(count)]
+    texts = [rows[i][text_field] for i in range(count)]
+    bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+    if bad is not None:
+        raise PiLoraError(f"row {bad} of {label} holds {type(texts[bad]).__name__}, not text, in "
+                          f"column {text_field!r}", field="dataset_text_field",
+                          fix="name a column of strings")
+    return [Document(f"{label}#{i}", text, label) for i, text in enumerate(texts)]
 
 
 def find_kjv_module(search_dirs: Sequence[Path] = SWORD_DIRS) -> Path:
