@@ -200,6 +200,32 @@ def cmd_plan(recipe_path: str, overrides: list[str], gpu: str, gpus: int, nodes:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """LongRoPE's factor search on the recipe's base at its target length."""
+    from pi_lora.eval.texts import load_documents
+    from pi_lora.longrope_search import SearchSettings, run_search
+    from pi_lora.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = Path(args.out or Path("search") / Path(recipe.output_dir).name)
+    if out.exists() and not out.is_dir():
+        raise PiLoraError(f"{out} is a file", field="--out", fix="name a directory")
+    if args.minutes is not None and args.minutes <= 0:
+        raise PiLoraError("--minutes must be positive", field="--minutes", fix="e.g. 30")
+    settings = SearchSettings(population=args.population, generations=args.generations,
+                              mutations=args.mutations, crossovers=args.crossovers,
+                              parents=min(args.parents, args.population), samples=args.samples,
+                              seed=args.seed, minutes=args.minutes)
+    documents = [d.text for d in load_documents([Path(p) for p in args.docs])]
+    result = run_search(recipe, documents, out, settings)
+    print(f"pi-lora: factors written to {out}/factors.json (ppl {result.fitness:.4f} at "
+          f"{result.target_context}; " + ", ".join(
+              f"{k} {v:.4f}" for k, v in result.baselines.items())
+          + f"; {result.evaluations} candidates in {result.seconds:.0f} s)\n"
+          f"  next: --set rope.method=longrope --set rope.longrope.factors={out}/factors.json")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -311,6 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=_count, default=1)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=lambda a: cmd_plan(a.recipe, a.overrides, a.gpu, a.gpus, a.nodes, a.json))
+
+    p = sub.add_parser("search", parents=[common],
+                       help="LongRoPE: search per-frequency rope factors for the recipe's target")
+    _add_recipe_args(p)
+    p.add_argument("--docs", nargs="+", required=True, metavar="FILE",
+                   help="held-out text (.txt/.md files or directories): the fitness")
+    p.add_argument("--out", help="output directory (default: search/RUN_NAME)")
+    p.add_argument("--population", type=_count, default=64)
+    p.add_argument("--generations", type=_count, default=40)
+    p.add_argument("--mutations", type=_count, default=16, help="mutated children per generation")
+    p.add_argument("--crossovers", type=_count, default=16, help="crossed children per generation")
+    p.add_argument("--parents", type=_count, default=32)
+    p.add_argument("--samples", type=_count, default=4, help="held-out windows of the target length")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--minutes", type=_finite_float, help="stop after the generation past this")
+    p.set_defaults(run=cmd_search)
     return parser
 
 

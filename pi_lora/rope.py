@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pi_lora.errors import PiLoraError
-from pi_lora.recipe import RopeSection
+from pi_lora.recipe import LongropeOptions, RopeSection
 
 # rope types that rescale positions; "default" (plain RoPE, possibly NTK-raised theta) does not
 SCALED_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
@@ -185,12 +185,55 @@ def _method_parameters(
         if rope.yarn.attention_factor is not None:
             params["attention_factor"] = rope.yarn.attention_factor
         return params, target, [f"YaRN attention temperature {yarn_temperature(factor):.4f}"]
+    if rope.method == "longrope":
+        return _longrope_parameters(rope, keep, dim, original, factor)
     if rope.method == "llama3":
         return {**keep, "rope_type": "llama3", "factor": factor,
                 "original_max_position_embeddings": original,
                 "low_freq_factor": rope.llama3.low_freq_factor,
                 "high_freq_factor": rope.llama3.high_freq_factor}, target, []
     raise AssertionError(f"unhandled rope method {rope.method}")
+
+
+def _longrope_parameters(rope: RopeSection, keep: dict[str, Any], dim: int, original: int,
+                         factor: float) -> tuple[dict[str, Any], int, list[str]]:
+    """transformers' `longrope`: the long factors beyond the original window, short within."""
+    from pathlib import Path
+
+    from pi_lora.longrope_factors import check_factors, longrope_attention_factor, read_factors_file
+
+    options, pairs = rope.longrope, dim // 2
+    if options.factors and options.long_factor is not None:
+        raise PiLoraError("both a factors file and long_factor are given",
+                          field="rope.longrope", fix="keep one of them")
+    if options.factors:
+        found = read_factors_file(Path(options.factors).expanduser(), pairs=pairs,
+                                  original=original, target=rope.target_context,
+                                  field="rope.longrope.factors")
+        source = f"searched ({options.factors})"
+    elif options.long_factor is not None:
+        found = {"long_factor": check_factors(options.long_factor, pairs,
+                                              "rope.longrope.long_factor", monotone=True),
+                 "short_factor": None, "attention_factor": None}
+        source = "given in the recipe"
+    else:
+        raise PiLoraError("longrope needs its per-frequency factors", field="rope.longrope",
+                          fix="run `pi-lora search RECIPE`, then set rope.longrope.factors "
+                              "to the factors.json it writes")
+    short = (check_factors(options.short_factor, pairs, "rope.longrope.short_factor",
+                           monotone=False) if options.short_factor is not None
+             else found["short_factor"] or [1.0] * pairs)
+    attention = (options.attention_factor or found["attention_factor"]
+                 or longrope_attention_factor(factor, original))
+    params = {**keep, "rope_type": "longrope", "factor": factor,
+              "original_max_position_embeddings": original,
+              "long_factor": found["long_factor"], "short_factor": short,
+              "attention_factor": attention}
+    note = (f"LongRoPE factors {source}: long {min(found['long_factor']):g}.."
+            f"{max(found['long_factor']):g} over {pairs} pairs, short "
+            f"{'1.0 (the original window unchanged)' if set(short) == {1.0} else 'given'}, "
+            f"attention factor {attention:.4f}")
+    return params, rope.target_context, [note]
 
 
 def yarn_temperature(factor: float) -> float:
@@ -220,7 +263,9 @@ def apply_rope(config: Any, plan: RopePlan) -> Any:
     return config
 
 
-def rope_override(method: str, target_context: int, config: Any) -> RopePlan:
+def rope_override(method: str, target_context: int, config: Any,
+                  factors: str | None = None) -> RopePlan:
     """A zero-shot rope plan for evaluation (`pi-lora eval --rope yarn:16384`)."""
-    section = RopeSection(method=method, target_context=target_context)  # type: ignore[arg-type]
+    section = RopeSection(method=method, target_context=target_context,  # type: ignore[arg-type]
+                          longrope=LongropeOptions(factors=factors))
     return plan_rope(section, config)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pi_lora.errors import PiLoraError
 
 DType = Literal["bf16", "fp16", "fp32"]
-RopeMethod = Literal["linear", "ntk", "dynamic", "yarn", "llama3", "none"]
+RopeMethod = Literal["linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "none"]
 # the methods that extend the window (every RopeMethod but "none"): the one list of them
 SCALING_METHODS: tuple[str, ...] = tuple(m for m in get_args(RopeMethod) if m != "none")
 Extra = Literal["embeddings", "norms", "lm_head"]
@@ -70,6 +70,17 @@ class Llama3Options(_Section):
     high_freq_factor: PositiveFactor = 4.0
 
 
+class LongropeOptions(_Section):
+    """Per-frequency factors: a `pi-lora search` result file, or the lists themselves."""
+
+    factors: str | None = Field(None, description="factors.json written by `pi-lora search`")
+    long_factor: list[float] | None = Field(None, description="one per rotary pair, >= 1, "
+                                                               "non-decreasing")
+    short_factor: list[float] | None = Field(None, description="within the original window; "
+                                                                "default 1.0 each")
+    attention_factor: PositiveFactor | None = None
+
+
 class RopeSection(_Section):
     method: RopeMethod
     target_context: Tokens
@@ -78,6 +89,7 @@ class RopeSection(_Section):
     )
     yarn: YarnOptions = YarnOptions()
     llama3: Llama3Options = Llama3Options()
+    longrope: LongropeOptions = LongropeOptions()
 
 
 class LoraSection(_Section):
@@ -219,6 +231,8 @@ class Recipe(_Section):
                     update={"name": _absolute_if_local(data.dataset.name)})}),
             "training": training.model_copy(
                 update={"deepspeed": _absolute_if_local(training.deepspeed)}),
+            "rope": self.rope.model_copy(update={"longrope": self.rope.longrope.model_copy(
+                update={"factors": _absolute_if_local(self.rope.longrope.factors)})}),
         }
         return self.model_copy(update=updates)
 

@@ -34,6 +34,7 @@ LAYER: dict[str, int] = {
     # 2: what the recipe means for a model
     "dtypes": 2,
     "rope": 2,
+    "longrope_factors": 2,  # LongRoPE per-frequency factors: curves, checks, search operators
     # 3: loading the model and the data
     "model": 3,
     "known_models": 3,  # offline configs of the models shipped recipes name
@@ -65,6 +66,7 @@ LAYER: dict[str, int] = {
     "verify": 7,  # release == base + adapter, whole or layer by layer
     # 8: evaluation
     "eval": 8,
+    "longrope_search": 8,  # `pi-lora search`: LongRoPE factors scored by the evaluator
     # 9: planning and the demo (built on eval's passkey)
     "plan": 9,
     "demo": 9,

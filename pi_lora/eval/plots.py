@@ -70,3 +70,34 @@ def plot_ppl_curves(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def plot_search(history: Sequence[Mapping[str, float]], baselines: Mapping[str, float],
+                path: Path) -> None:
+    """`pi-lora search`: best and mean perplexity per generation, the start curves as lines."""
+    fig = Figure(figsize=(7.0, 4.2))
+    ax = fig.add_subplot()
+    generations = [h["generation"] for h in history]
+    ax.plot(generations, [h["best"] for h in history], marker="o", label="best")
+    ax.plot(generations, [h["mean"] for h in history], linestyle=":", label="population mean")
+    for name, value in baselines.items():
+        ax.axhline(value, linestyle="--", linewidth=0.8, label=f"{name} (start)")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("perplexity at the target length")
+    ax.set_title("LongRoPE factor search")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_factors(curves: Mapping[str, Sequence[float]], path: Path) -> None:
+    """Rescale factor per rotary frequency pair (fast pairs left, slow right)."""
+    fig = Figure(figsize=(7.0, 4.2))
+    ax = fig.add_subplot()
+    for name, values in curves.items():
+        ax.plot(range(len(values)), list(values), marker="." if name == "searched" else None,
+                label=name)
+    ax.set_xlabel("rotary frequency pair (high frequency -> low)")
+    ax.set_ylabel("rescale factor")
+    ax.set_title("LongRoPE factors vs the methods they start from")
+    ax.legend(fontsize=8)
+    _save(fig, path)

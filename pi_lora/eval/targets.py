@@ -29,20 +29,37 @@ from pi_lora.trained import load_trained
 
 @dataclass(frozen=True)
 class RopeSpec:
-    """`none` (the model as it is) or METHOD:TARGET_CONTEXT."""
+    """`none` (the model as it is), METHOD:TARGET_CONTEXT, or longrope:FACTORS_FILE."""
 
     method: str
     target_context: int | None
+    factors: str | None = None  # longrope: the factors.json of `pi-lora search`
 
     @classmethod
     def parse(cls, text: str) -> RopeSpec:
         if text in ("none", "plain"):
             return cls("none", None)
         method, _, length = text.partition(":")
+        if method == "longrope":
+            return cls._longrope(length)
         if method not in SCALING_METHODS or not length:
             raise PiLoraError(f"--rope {text!r} is not METHOD:LENGTH", field="--rope",
                               fix=f"e.g. --rope linear:16384; methods: none, {', '.join(SCALING_METHODS)}")
         return cls(method, parse_length(length, "--rope"))
+
+    @classmethod
+    def _longrope(cls, file: str) -> RopeSpec:
+        """The target is the one the factors were searched for."""
+        import json
+        from pathlib import Path
+
+        try:
+            target = int(json.loads(Path(file).expanduser().read_text())["target_context"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise PiLoraError(f"--rope longrope:{file[:80]}: not a factors file",
+                              field="--rope", fix="e.g. --rope longrope:search/factors.json "
+                                                  "(written by `pi-lora search`)") from None
+        return cls("longrope", target, str(Path(file).expanduser().resolve()))
 
 
 def parse_length(text: str, field: str) -> int:
@@ -119,7 +136,8 @@ def _model_target(spec: str, label: str | None, dtype: torch.dtype, rope: RopeSp
     plan = None
     if rope is not None and rope.method != "none":
         assert rope.target_context is not None
-        plan = rope_override(rope.method, rope.target_context, load_config(section))
+        plan = rope_override(rope.method, rope.target_context, load_config(section),
+                             factors=rope.factors)
     name = label or _default_label(spec, kind, plan)
     describe: dict[str, Any] = {"kind": kind, "model": spec,
                                 "rope": plan.to_dict() if plan else "as in the model config"}
