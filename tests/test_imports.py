@@ -27,6 +27,8 @@ LAYER: dict[str, int] = {
     "errors": 0,
     "digest": 0,
     "quiet": 0,
+    "safe_paths": 0,  # the one gate before deleting a directory (--overwrite)
+    "runlock": 0,  # one process per run directory
     # 1: the typed input
     "schema": 1,  # the recipe's pydantic sections
     "recipe": 1,
@@ -48,6 +50,7 @@ LAYER: dict[str, int] = {
     "validate": 4,  # `pi-lora validate`
     # 5: the run directory format: below train (which writes it) and merge/eval (which read it)
     "rundir": 5,
+    "integrity": 5,  # the base model still the one a run trained on (merge, eval)
     # 6: training
     "trainer": 6,  # the Trainer subclass train assembles
     "train": 6,
