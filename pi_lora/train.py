@@ -207,8 +207,16 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
     """
     check_training_device(recipe)
     run = RunDir(recipe.output_dir)
-    with hold(run.path, enabled=_is_main()):
-        return _train(recipe, run, resume=resume, overwrite=overwrite)
+    try:
+        with hold(run.path, enabled=_is_main()):
+            return _train(recipe, run, resume=resume, overwrite=overwrite)
+    except Exception as exc:
+        if not _is_disk_full(exc) or isinstance(exc, PiLoraError):
+            raise
+        raise PiLoraError(f"the disk filled (a write failed): {str(exc).splitlines()[0][:300]}",
+                          field="output_dir",
+                          fix="free space (or move output_dir / data.cache_dir), then rerun; "
+                              "a run with a checkpoint continues with --resume") from exc
 
 
 def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool) -> Path:
@@ -247,10 +255,6 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool) -> Pat
     except BaseException as exc:
         if facts is not None:
             _record_failure(run, facts, trainer.state.global_step, _describe_failure(exc))
-        if _is_disk_full(exc):
-            raise PiLoraError(f"the disk filled while training: {exc}", field="output_dir",
-                              fix="free space (or move output_dir), then `pi-lora train "
-                                  "--resume` from the last checkpoint") from exc
         raise
     return run.path
 
@@ -298,6 +302,9 @@ def _announce(recipe: Recipe, plan: RopePlan, built: BuiltData, trainable: int, 
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# how torch's and safetensors' writers report a failed write (they drop the errno)
+WRITE_FAILURES = ("No space left", "File too large", "FileTooLarge", "StorageFull",
+                  "file write failed", "basic_ios::clear", "PytorchStreamWriter failed")
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -305,8 +312,7 @@ def _is_disk_full(exc: BaseException) -> bool:
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
             return True
-        text = str(exc)
-        if "No space left" in text or "File too large" in text or "file write failed" in text:
+        if any(sign in str(exc) for sign in WRITE_FAILURES):
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return False
