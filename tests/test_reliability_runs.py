@@ -25,7 +25,7 @@ from pi_lora.cli import main
 from pi_lora.errors import PiLoraError
 from pi_lora.recipe import load_recipe
 from pi_lora.rundir import RUN_MARKER, RunDir
-from pi_lora.runlock import LOCK_ENV, RunLock, lock_path
+from pi_lora.runlock import LOCK_ENV, RunLock
 from pi_lora.safe_paths import check_replaceable, remove_owned_dir
 from pi_lora.train import train
 
@@ -343,26 +343,46 @@ def test_a_second_trainer_on_a_run_in_use_is_refused(resume: bool, finished_run:
     lock.release()
 
 
-def test_two_cli_trainers_into_one_output_dir(tiny_models, write_recipe, tmp_path: Path) -> None:
-    """Two real `pi-lora train` processes: exactly one trains, the other names it."""
-    path = write_recipe(tiny_models("llama"), training={"max_steps": 3, "save_steps": 3})
-    command = [sys.executable, "-m", "pi_lora.cli", "train", str(path)]
-    first = subprocess.Popen(command, cwd=REPO, env=_child_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not lock_path(tmp_path / "run").is_file() or not lock_path(
-            tmp_path / "run").read_text():
-        assert time.time() < deadline and first.poll() is None
-        time.sleep(0.05)
-    second = subprocess.run(command, cwd=REPO, env=_child_env(), capture_output=True,
-                            text=True, timeout=300)
-    _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-2000:]
-    if second.returncode == 0:  # it started after the first had finished: a plain refusal
-        pytest.fail("the second trainer ran over the first")
-    assert second.returncode == 2
-    assert f"in use by pid {first.pid}" in second.stderr or "already exists" in second.stderr
-    assert RunDir(tmp_path / "run").read_facts().status == "complete"
+SLOW_TRAIN = """
+import sys, time
+from pi_lora.trainer import ChunkedLoss
+real = ChunkedLoss.compute_loss
+def slow(self, *args, **kwargs):
+    time.sleep(1.0)  # a long step, so the second trainer arrives while this one trains
+    return real(self, *args, **kwargs)
+ChunkedLoss.compute_loss = slow
+from pi_lora.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("second", [[], ["--resume"], ["--overwrite"]])
+def test_a_second_cli_trainer_is_refused_while_the_first_trains(
+        second: list[str], tiny_models, write_recipe, tmp_path: Path) -> None:
+    """Two real `pi-lora train` processes on one output_dir: the second names the first."""
+    path = write_recipe(tiny_models("llama"), training={"max_steps": 4, "save_steps": 1})
+    first = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, "train", str(path)], cwd=REPO,
+                             env=_child_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    assert first.stdout is not None
+    for line in first.stdout:  # training has begun: its checkpoints are being written
+        if line.startswith("step 1/"):
+            break
+    else:
+        pytest.fail(f"the first trainer did not start (exit {first.wait()})")
+    other = subprocess.run([sys.executable, "-m", "pi_lora.cli", "train", str(path), *second],
+                           cwd=REPO, env=_child_env(), capture_output=True, text=True,
+                           timeout=300)
+    still_training = first.poll() is None
+    first.stdout.read()
+    assert first.wait(timeout=300) == 0
+    assert still_training, "the test needs the first trainer alive during the second"
+    assert other.returncode == 2
+    assert f"in use by pid {first.pid}" in other.stderr, other.stderr[-2000:]
+    run = RunDir(tmp_path / "run")
+    assert run.read_facts().status == "complete"
+    steps = [json.loads(line)["step"] for line in run.metrics_path.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_launched_ranks_inherit_the_launchers_lock(tmp_path: Path) -> None:
