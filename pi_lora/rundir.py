@@ -21,6 +21,7 @@ from pi_lora.errors import PiLoraError
 from pi_lora.provenance import DataIdentity, ModelIdentity, Software
 from pi_lora.recipe import Recipe, load_recipe
 from pi_lora.rope import RopePlan
+from pi_lora.runlock import holder
 from pi_lora.safe_paths import check_replaceable
 
 RECIPE_FILE = "recipe.yaml"
@@ -136,7 +137,10 @@ class RunDir:
         A false start (see `is_false_start`) is replaced without --overwrite.
         """
         recipe = recipe.with_absolute_paths()
-        exists = self.path.exists() and any(self.path.iterdir())
+        exists = self.path.is_dir() and any(self.path.iterdir())
+        if self.path.exists() and not self.path.is_dir():
+            raise PiLoraError(f"{self.path} is a file, not a run directory", field="output_dir",
+                              fix="choose a new output_dir")
         if exists and resume:
             self._check_same_recipe(recipe)
             return False
@@ -252,9 +256,12 @@ class RunDir:
                               field="RUN_DIR",
                               fix=f"fix the cause and `pi-lora train --resume`{resume}")
         if facts.status != "complete":
-            raise PiLoraError(f"the run has not finished (run.json status {facts.status!r}: "
-                              f"still training, or stopped{resume})", field="RUN_DIR",
-                              fix="let `pi-lora train` finish, or resume it")
+            busy = holder(self.path)
+            state = f"still training: {busy}" if busy else "stopped before it finished"
+            raise PiLoraError(f"the run has not finished (run.json status {facts.status!r}, "
+                              f"{state}{resume})", field="RUN_DIR",
+                              fix="let `pi-lora train` finish" if busy
+                              else "resume it with `pi-lora train --resume`")
         needed = [self.adapter_dir / "adapter_config.json"]
         needed += [self.extras_path] if facts.extras else []
         for path in needed:

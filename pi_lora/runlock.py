@@ -15,6 +15,7 @@ children's main rank inherits it); under a bare torchrun the global main rank ta
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -56,6 +57,23 @@ def _inherited(path: Path) -> bool:
             and holder.get("host") == socket.gethostname())
 
 
+def holder(run_dir: str | Path) -> str | None:
+    """Who holds the run's lock right now ("pid N on HOST since T"), or None if nobody."""
+    path = lock_path(run_dir)
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return _holder_text(path) if exc.errno in (errno.EWOULDBLOCK, errno.EACCES) else None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """A held lock; `release()` (or process exit) frees it."""
 
@@ -71,8 +89,12 @@ class RunLock:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                print(f"pi-lora: WARNING: cannot lock {path} ({exc.strerror}: this filesystem "
+                      "has no locks); nothing stops a second trainer here", flush=True)
+                return cls(path, None)
             if _inherited(path):
                 return cls(path, None)
             raise PiLoraError(

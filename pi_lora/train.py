@@ -7,8 +7,6 @@ resume restores them), and a progress line with tokens/s and ETA mirrored to met
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import importlib.util
 import json
 import math
@@ -37,6 +35,7 @@ from pi_lora.model import (
     load_tokenizer,
     wrap_lora,
 )
+from pi_lora.outcome import describe_failure, disk_full_error, is_disk_full, record_failure
 from pi_lora.provenance import IdentityJob, software
 from pi_lora.recipe import DataSection, Recipe, resolve_deepspeed_config
 from pi_lora.rope import RopePlan, plan_rope
@@ -211,12 +210,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
         with hold(run.path, enabled=_is_main()):
             return _train(recipe, run, resume=resume, overwrite=overwrite)
     except Exception as exc:
-        if not _is_disk_full(exc) or isinstance(exc, PiLoraError):
+        if not is_disk_full(exc) or isinstance(exc, PiLoraError):
             raise
-        raise PiLoraError(f"the disk filled (a write failed): {str(exc).splitlines()[0][:300]}",
-                          field="output_dir",
-                          fix="free space (or move output_dir / data.cache_dir), then rerun; "
-                              "a run with a checkpoint continues with --resume") from exc
+        raise disk_full_error(exc) from exc
 
 
 def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool) -> Path:
@@ -254,7 +250,7 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool) -> Pat
         _fit(trainer, run, checkpoint, facts, identity)
     except BaseException as exc:
         if facts is not None:
-            _record_failure(run, facts, trainer.state.global_step, _describe_failure(exc))
+            record_failure(run, facts, trainer.state.global_step, describe_failure(exc))
         raise
     return run.path
 
@@ -269,7 +265,7 @@ def _fit(trainer: Any, run: RunDir, checkpoint: Path | None, facts: RunFacts | N
     if trainer.divergence is not None:
         step, reason = trainer.divergence
         if facts is not None:
-            _record_failure(run, facts, step, f"diverged: {reason}")
+            record_failure(run, facts, step, f"diverged: {reason}")
         last = run.latest_checkpoint()
         keep = (f"its last good checkpoint is {last.name}: lower it and `pi-lora train "
                 f"--resume`, or restart with --overwrite") if last else "then restart with --overwrite"
@@ -299,36 +295,6 @@ def _announce(recipe: Recipe, plan: RopePlan, built: BuiltData, trainable: int, 
           f"trainable {trainable:,} / {total:,}", flush=True)
     _report_conversations(built, recipe.seq_len)
     print(f"pi-lora: loss {facts.loss}", flush=True)
-
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-# how torch's and safetensors' writers report a failed write (they drop the errno)
-WRITE_FAILURES = ("No space left", "File too large", "FileTooLarge", "StorageFull",
-                  "file write failed", "basic_ios::clear", "PytorchStreamWriter failed")
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC and friends, also when torch or safetensors wrap them in their own errors."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return True
-        if any(sign in str(exc) for sign in WRITE_FAILURES):
-            return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return False
-
-
-def _describe_failure(exc: BaseException) -> str:
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-
-
-def _record_failure(run: RunDir, facts: RunFacts, step: int, reason: str) -> None:
-    """run.json says failed, at which step and why; best effort (the disk may be full)."""
-    with contextlib.suppress(OSError):
-        run.write_facts(facts.model_copy(update={"status": "failed", "failure": reason,
-                                                 "failed_step": step}))
 
 
 def _prepares_run_dir(recipe: Recipe) -> bool:

@@ -55,6 +55,7 @@ LAYER: dict[str, int] = {
     "trainer": 6,  # the Trainer subclass train assembles
     "train": 6,
     "launch": 6,
+    "outcome": 6,  # a failed run recorded as failed; disk full as one user error
     # 7: a trained run -> a release
     "trained": 7,
     "release": 7,

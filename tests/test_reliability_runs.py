@@ -139,6 +139,29 @@ def test_a_model_without_rope_is_refused(write_recipe, tmp_path: Path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt", "bloom", "mpt"])
+def test_plan_rope_refuses_every_family_without_rope(family: str) -> None:
+    from transformers import AutoConfig
+
+    from pi_lora.recipe import RopeSection
+    from pi_lora.rope import plan_rope
+
+    with pytest.raises(PiLoraError, match="no rotary position embeddings") as caught:
+        plan_rope(RopeSection(method="linear", target_context=4096), AutoConfig.for_model(family))
+    assert caught.value.field == "model.name"
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tiny_models, write_recipe,
+                                                 tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("precious")
+    recipe = load_recipe(write_recipe(tiny_models("llama"), output_dir=str(tmp_path / "taken")))
+    for overwrite in (False, True):
+        with pytest.raises(PiLoraError, match="is a file"):
+            RunDir(recipe.output_dir).prepare(recipe, resume=False, overwrite=overwrite,
+                                              is_main=True)
+    assert (tmp_path / "taken").read_text() == "precious"
+
+
 @pytest.mark.parametrize("fault", ["bad_data", "truncated_weights"])
 def test_a_failed_start_leaves_nothing_and_the_rerun_proceeds(
         fault: str, tiny_models, write_recipe, tmp_path: Path) -> None:
@@ -398,6 +421,20 @@ def test_launched_ranks_inherit_the_launchers_lock(tmp_path: Path) -> None:
     assert inherited.returncode == 0 and "ok" in inherited.stdout, inherited.stderr
     assert stranger.returncode != 0 and "in use by pid" in stranger.stderr
     assert LOCK_ENV not in os.environ
+
+
+def test_merge_side_names_a_run_still_training(finished_run: Path, tmp_path: Path) -> None:
+    run = _copy_run(finished_run, tmp_path)
+    run.write_facts(run.read_facts().model_copy(update={"status": "training"}))
+    holder = _hold_lock_in_child(run.path)
+    try:
+        with pytest.raises(PiLoraError, match=rf"still training: pid {holder.pid}"):
+            run.check_complete()
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(PiLoraError, match="stopped before it finished"):
+        run.check_complete()
 
 
 # ------------------------------------------------------------------ 8. integrity
