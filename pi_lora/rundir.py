@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -120,17 +121,20 @@ class RunDir:
         except PiLoraError:
             return False
 
-    def prepare(self, recipe: Recipe, *, resume: bool, overwrite: bool, is_main: bool) -> None:
+    def prepare(self, recipe: Recipe, *, resume: bool, overwrite: bool, is_main: bool,
+                protect: Sequence[str | Path] = ()) -> None:
         """Refuse to clobber a run by accident; a resume must match the recorded recipe.
 
         `is_main=False` only checks (a launcher, before its children load anything); the main
         process then creates the directory atomically: see `check_start` and `create`.
+        `protect`: more paths --overwrite must never delete (the recipe file the user ran).
         """
-        replace = self.check_start(recipe, resume=resume, overwrite=overwrite)
+        replace = self.check_start(recipe, resume=resume, overwrite=overwrite, protect=protect)
         if is_main and not resume:
-            self.create(recipe, replace=replace)
+            self.create(recipe, replace=replace, protect=protect)
 
-    def check_start(self, recipe: Recipe, *, resume: bool, overwrite: bool) -> bool:
+    def check_start(self, recipe: Recipe, *, resume: bool, overwrite: bool,
+                    protect: Sequence[str | Path] = ()) -> bool:
         """Everything `prepare` would refuse, refused before anything loads or is written.
 
         Returns whether an existing directory is to be replaced (`create(replace=True)`).
@@ -154,7 +158,7 @@ class RunDir:
                               fix="pass --resume to continue it, --overwrite to replace it, "
                                   "or --set output_dir=NEW")
         replace = check_replaceable(self.path, owned=RunDir.is_owned, what="run directory",
-                                    protect=_recipe_inputs(recipe))
+                                    protect=[*_recipe_inputs(recipe), *protect])
         if false_start and not overwrite:
             print(f"pi-lora: replacing {self.path}, a start that failed before its first "
                   f"checkpoint{self._state()}", flush=True)
@@ -169,7 +173,8 @@ class RunDir:
             return f" (it failed at step {facts.failed_step}: {facts.failure})"
         return f" (status {facts.status})"
 
-    def create(self, recipe: Recipe, *, replace: bool) -> None:
+    def create(self, recipe: Recipe, *, replace: bool,
+               protect: Sequence[str | Path] = ()) -> None:
         """The run directory appears whole: marker and recipe are written in a sibling temp
         directory renamed into place, so a crash or a full disk leaves no half a run."""
         recipe = recipe.with_absolute_paths()
@@ -182,7 +187,8 @@ class RunDir:
             (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
             # checked again: the directory may have changed since check_start
             if replace and check_replaceable(self.path, owned=RunDir.is_owned,
-                                             what="run directory", protect=_recipe_inputs(recipe)):
+                                             what="run directory",
+                                             protect=[*_recipe_inputs(recipe), *protect]):
                 shutil.rmtree(self.path)
             os.replace(tmp, self.path)  # onto a missing or an empty directory
         finally:
@@ -287,8 +293,11 @@ def nonfinite_tensors(path: Path) -> list[str]:
 
 
 def _recipe_inputs(recipe: Recipe) -> list[Path]:
-    """What a run reads and must never delete: the local base model, data files, data cache."""
-    named = [recipe.model.name, *(recipe.data.files or []), recipe.data.cache_dir]
+    """What a run reads and must never delete: local base model and tokenizer, data files,
+    data cache, a local dataset, the DeepSpeed config."""
+    data = recipe.data
+    named = [recipe.model.name, recipe.model.tokenizer, *data.files, data.cache_dir,
+             data.dataset.name if data.dataset else None, recipe.training.deepspeed]
     return [Path(p) for p in named if p and Path(p).exists()]
 
 

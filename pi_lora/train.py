@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,25 +198,29 @@ def build_training_model(recipe: Recipe, plan: RopePlan, device_map: Any = None)
     return model
 
 
-def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Path:
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
+          protect: Sequence[str | Path] = ()) -> Path:
     """Run the recipe; returns the run directory. Safe to start under torchrun/deepspeed.
 
     The main process holds the run's lock throughout (pi_lora.runlock); everything that can
     fail on bad input (config, rope, tokenizer, data, weights) runs before the run directory
     is created, and a run that fails or diverges says so in run.json and exits non-zero.
+    `protect`: paths --overwrite must never delete besides the recipe's inputs (the CLI
+    passes the recipe file).
     """
     check_training_device(recipe)
     run = RunDir(recipe.output_dir)
     try:
         with hold(run.path, enabled=_is_main()):
-            return _train(recipe, run, resume=resume, overwrite=overwrite)
+            return _train(recipe, run, resume=resume, overwrite=overwrite, protect=protect)
     except Exception as exc:
         if not is_disk_full(exc) or isinstance(exc, PiLoraError):
             raise
         raise disk_full_error(exc) from exc
 
 
-def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool) -> Path:
+def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool,
+           protect: Sequence[str | Path]) -> Path:
     from transformers import set_seed
 
     is_main = _is_main()
@@ -223,7 +228,8 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool) -> Pat
     config = load_config(recipe.model)
     plan = plan_rope(recipe.rope, config)
     prepares = _prepares_run_dir(recipe)  # other ranks would race its mkdir
-    replace = run.check_start(recipe, resume=resume, overwrite=overwrite) if prepares else False
+    replace = prepares and run.check_start(recipe, resume=resume, overwrite=overwrite,
+                                           protect=protect)
     tokenizer = load_tokenizer(recipe.model)
     identity = IdentityJob(recipe.model, recipe.data, config) if is_main else None
     set_seed(recipe.training.seed)
@@ -234,7 +240,7 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool) -> Pat
     built = build_data_once(recipe.data, tokenizer, recipe.seq_len, recipe.training.seed, args)
     model = build_training_model(recipe, plan)
     if prepares and not resume:  # only now: a bad input above leaves nothing behind
-        run.create(recipe, replace=replace)
+        run.create(recipe, replace=replace, protect=protect)
     trainer = _build_trainer(recipe, run, args, model, tokenizer, built)
     trainable, total = count_parameters(model)
     facts = None

@@ -118,6 +118,27 @@ def test_train_overwrite_replaces_a_real_run(tiny_models, write_recipe, tmp_path
     assert not list(run.path.parent.glob(".run.tmp-*"))
 
 
+def test_overwrite_spares_a_run_holding_the_recipe_or_the_data(tiny_models, write_recipe,
+                                                               tmp_path: Path) -> None:
+    """A real run directory is still refused when the recipe being run, or the data it
+    reads, lives inside it (`pi-lora train runs/a/my.yaml --overwrite`)."""
+    recipe = load_recipe(write_recipe(tiny_models("llama")))
+    run = RunDir(recipe.output_dir)
+    run.create(recipe, replace=False)
+    (run.path / "run.json").write_text("{}")
+    mine = run.path / "my.yaml"
+    mine.write_text("model: {}")
+    with pytest.raises(PiLoraError, match="refusing to replace"):
+        run.prepare(recipe, resume=False, overwrite=True, is_main=True, protect=[mine])
+    inside = run.path / "corpus.txt"
+    inside.write_text("data")
+    reads_inside = recipe.model_copy(update={"data": recipe.data.model_copy(
+        update={"files": [str(inside)]})})
+    with pytest.raises(PiLoraError, match="refusing to replace"):
+        run.prepare(reads_inside, resume=False, overwrite=True, is_main=True)
+    assert mine.is_file() and inside.is_file()
+
+
 # ------------------------------------------------------------------ 2. half-written run dirs
 
 
