@@ -164,6 +164,13 @@ class RunDir:
                   f"checkpoint{self._state()}", flush=True)
         return replace
 
+    def recorded_failure(self) -> bool:
+        """run.json already says "failed" (the first, most specific reason is kept)."""
+        try:
+            return self.read_facts().status == "failed"
+        except PiLoraError:
+            return False
+
     def _state(self) -> str:
         try:
             facts = self.read_facts()

@@ -255,7 +255,7 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool,
     try:
         _fit(trainer, run, checkpoint, facts, identity)
     except BaseException as exc:
-        if facts is not None:
+        if facts is not None and not run.recorded_failure():  # a divergence says it better
             record_failure(run, facts, trainer.state.global_step, describe_failure(exc))
         raise
     return run.path
@@ -274,7 +274,8 @@ def _fit(trainer: Any, run: RunDir, checkpoint: Path | None, facts: RunFacts | N
             record_failure(run, facts, step, f"diverged: {reason}")
         last = run.latest_checkpoint()
         keep = (f"its last good checkpoint is {last.name}: lower it and `pi-lora train "
-                f"--resume`, or restart with --overwrite") if last else "then restart with --overwrite"
+                f"--resume`, or restart with --overwrite") if last else \
+            "then rerun (with no checkpoint to resume, the failed run is replaced)"
         raise PiLoraError(f"training diverged at step {step} ({reason}); no adapter was saved",
                           field="training.learning_rate",
                           fix=f"lower training.learning_rate (was {trainer.args.learning_rate:g}); "

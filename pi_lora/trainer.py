@@ -178,7 +178,7 @@ def _divergence_callback(trainer: Any) -> Any:
             for key in ("loss", "grad_norm", "eval_loss"):
                 value = (logs or {}).get(key)
                 if value is not None and not math.isfinite(float(value)):
-                    trainer.diverge(f"{key} {value} at step {state.global_step}")
+                    trainer.diverge(f"{key} {value}")
                     control.should_training_stop = True
                     control.should_save = False
                     break

@@ -86,6 +86,22 @@ def test_owned_directory_is_replaced_and_an_empty_one_kept(tmp_path: Path) -> No
     assert check_replaceable(tmp_path / "missing", owned=_ours, what="release") is False
 
 
+def test_merge_output_onto_its_run_is_refused(finished_run: Path, tmp_path: Path) -> None:
+    """What merge calls for `--output X --overwrite`: X must be a release, and not the run."""
+    from pi_lora.release import RELEASE_RECIPE_FILE, is_release
+
+    run = _copy_run(finished_run, tmp_path)
+    for output in (run.path, run.path.parent):
+        with pytest.raises(PiLoraError, match="refusing to replace"):
+            remove_owned_dir(output, owned=is_release, what="release", protect=[run.path])
+    assert RunDir.is_run(run.path)
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / RELEASE_RECIPE_FILE).write_text("")
+    remove_owned_dir(release, owned=is_release, what="release", protect=[run.path])
+    assert not release.exists()
+
+
 @pytest.mark.parametrize("output", [".", "..", "data_dir", "model_dir", "home"])
 def test_train_overwrite_refuses_what_pi_lora_did_not_write(
         output: str, tiny_models, write_recipe, corpus: Path, tmp_path: Path,
@@ -280,6 +296,24 @@ def test_a_diverged_run_fails_and_keeps_its_last_good_checkpoint(
         assert all(torch.isfinite(t).all() for t in _tensors(weights))
     with pytest.raises(PiLoraError, match="failed at step"):
         run.check_complete()
+
+
+def test_a_huge_learning_rate_fails_the_run_and_a_fixed_rerun_replaces_it(
+        tiny_models, write_recipe) -> None:
+    """lr 1e6 (past the recipe's own bounds, as a sweep or an old recipe might set it): the
+    gradient norm turns NaN at step 2, before the first checkpoint (save_steps 3)."""
+    recipe = load_recipe(write_recipe(tiny_models("llama"), training={"max_steps": 4}))
+    huge = recipe.model_copy(update={"training": recipe.training.model_copy(
+        update={"learning_rate": 1e6})})
+    with pytest.raises(PiLoraError, match="diverged at step 2") as caught:
+        train(huge)
+    assert "rerun" in str(caught.value)
+    run = RunDir(recipe.output_dir)
+    facts = run.read_facts()
+    assert (facts.status, facts.failed_step, facts.failure) == (
+        "failed", 2, "diverged: grad_norm nan")
+    assert not run.adapter_dir.exists() and run.latest_checkpoint() is None
+    assert RunDir(train(recipe)).read_facts().status == "complete"  # no --overwrite needed
 
 
 def _tensors(path: Path) -> list[torch.Tensor]:
