@@ -227,8 +227,8 @@ def trainer_class() -> type:
     extras_names=..., ...): the mixins in front of transformers' Trainer."""
     from transformers import Trainer
 
-    return type("PiLoraTrainer", (DivergenceGuard, ChunkedLoss, ExtrasCheckpoints,
-                                  MasterWeightsSave, Trainer), {})
+    return type("PiLoraTrainer", (ChunkedLoss, ExtrasCheckpoints, MasterWeightsSave,
+                                  DivergenceGuard, Trainer), {})
 
 
 def checkpoint_offload(enabled: bool) -> Any:
