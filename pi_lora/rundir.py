@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pi_lora.errors import PiLoraError
@@ -106,20 +107,18 @@ class RunDir:
     @staticmethod
     def is_owned(path: str | Path) -> bool:
         """pi-lora wrote this directory: a run, or the marker of a start that failed early."""
-        return RunDir.is_run(path) or (Path(path) / RUN_MARKER).is_file()
+        path = Path(path)
+        return RunDir.is_run(path) or (path / RUN_MARKER).is_file() or _legacy_false_start(path)
 
     def is_false_start(self) -> bool:
         """Ours, with nothing to resume: no run.json or a failed one, and no complete
         checkpoint (a start that failed on bad input, a full disk, an early divergence).
         A rerun replaces it without --overwrite: nothing of value is lost."""
+        if _legacy_false_start(self.path):
+            return True
         if not (self.path / RUN_MARKER).is_file() or self.latest_checkpoint() is not None:
             return False
-        if not self.facts_path.exists():
-            return True
-        try:
-            return self.read_facts().status == "failed"
-        except PiLoraError:
-            return False
+        return not self.facts_path.exists() or self.recorded_failure()
 
     def prepare(self, recipe: Recipe, *, resume: bool, overwrite: bool, is_main: bool,
                 protect: Sequence[str | Path] = ()) -> None:
@@ -297,6 +296,19 @@ def nonfinite_tensors(path: Path) -> list[str]:
         return []
     return [name for name, tensor in load_file(str(path)).items()
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def _legacy_false_start(path: Path) -> bool:
+    """What pi-lora before the run marker left when a start failed: the directory holds only
+    recipe.yaml, and that is a complete resolved recipe as pi-lora writes it (every field of
+    every section), which a recipe written by hand never is."""
+    if not path.is_dir() or [p.name for p in path.iterdir()] != [RECIPE_FILE]:
+        return False
+    try:
+        raw = yaml.safe_load((path / RECIPE_FILE).read_text())
+        return raw == Recipe.model_validate(raw).model_dump(mode="json")
+    except (OSError, yaml.YAMLError, ValidationError, TypeError):
+        return False
 
 
 def _recipe_inputs(recipe: Recipe) -> list[Path]:

@@ -221,11 +221,24 @@ def test_a_failed_start_leaves_nothing_and_the_rerun_proceeds(
 
 
 def test_a_leftover_of_a_failed_start_does_not_block(tiny_models, write_recipe) -> None:
-    """Older pi-lora (and a crash between create and run.json) left marker + recipe only."""
+    """A crash between create and run.json leaves marker + recipe; pi-lora before the marker
+    left recipe.yaml alone. Both are replaced without --overwrite; a hand-written recipe.yaml
+    alone in the directory is not pi-lora's and is refused even with --overwrite."""
     recipe = load_recipe(write_recipe(tiny_models("llama")))
     run = RunDir(recipe.output_dir)
     run.create(recipe, replace=False)
     assert run.check_start(recipe, resume=False, overwrite=False) is True
+    (run.path / RUN_MARKER).unlink()  # the legacy leftover
+    assert run.check_start(recipe, resume=False, overwrite=False) is True
+    run.prepare(recipe, resume=False, overwrite=False, is_main=True)
+    assert (run.path / RUN_MARKER).is_file()
+    shutil.rmtree(run.path)
+    run.path.mkdir()
+    (run.path / "recipe.yaml").write_text("model: {name: mine}\nrope: {method: linear}\n")
+    with pytest.raises(PiLoraError, match="already exists"):
+        run.check_start(recipe, resume=False, overwrite=False)
+    with pytest.raises(PiLoraError, match="not a run directory written by pi-lora"):
+        run.check_start(recipe, resume=False, overwrite=True)
 
 
 def _limited_train(recipe: Path, max_file_bytes: int) -> subprocess.CompletedProcess:
