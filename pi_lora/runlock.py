@@ -38,9 +38,22 @@ def _holder_text(path: Path) -> str:
     try:
         holder = json.loads(path.read_text())
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder["since"]))
-        return f"pid {holder['pid']} on {holder['host']} since {since}"
+        text = f"pid {holder['pid']} on {holder['host']} since {since}"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process"
+    if holder["host"] == socket.gethostname() and not _alive(int(holder["pid"])):
+        text += " (exited; a process it forked still holds the lock: stop that one)"
+    return text
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _inherited(path: Path) -> bool:

@@ -476,6 +476,24 @@ def test_a_second_cli_trainer_is_refused_while_the_first_trains(
     assert steps == [1, 2, 3, 4]
 
 
+def test_a_lock_outliving_its_holder_is_explained(tmp_path: Path) -> None:
+    """The holder exited but a process it forked kept the lock: the refusal says so."""
+    code = ("import os, sys, time; from pi_lora.runlock import RunLock; "
+            f"RunLock.acquire({str(tmp_path / 'run')!r})\n"
+            "pid = os.fork()\n"
+            "if pid == 0: os.dup2(os.open(os.devnull, os.O_WRONLY), 1); time.sleep(120)\n"
+            "print(pid, flush=True)")
+    holder = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            timeout=60, start_new_session=True)
+    forked = int(holder.stdout.split()[0])
+    try:
+        with pytest.raises(PiLoraError, match="exited; a process it forked still holds"):
+            RunLock.acquire(tmp_path / "run")
+    finally:
+        os.kill(forked, signal.SIGKILL)
+
+
 def test_launched_ranks_inherit_the_launchers_lock(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code = (f"from pi_lora.runlock import RunLock; RunLock.acquire({str(run_dir)!r}).release(); "
