@@ -106,6 +106,7 @@ def detect_existing(config: Any) -> ExistingScaling | None:
 
 def plan_rope(rope: RopeSection, config: Any) -> RopePlan:
     """Turn the recipe's rope section into rope parameters for this model config."""
+    require_rope(config)
     existing = detect_existing(config)
     original, source = _original_context(rope, config, existing)
     _guard_double_scaling(rope, config, existing, original)
@@ -123,6 +124,19 @@ def plan_rope(rope: RopeSection, config: Any) -> RopePlan:
         target_context=rope.target_context, factor=factor, rope_theta=theta, rotary_dim=dim,
         rope_parameters=params, max_position_embeddings=max_pos, existing=existing, notes=notes,
     )
+
+
+def require_rope(config: Any) -> None:
+    """A model without rotary embeddings (GPT-2, OPT, BLOOM: learned or ALiBi positions) has
+    nothing to scale: refuse it instead of planning a scaling that nothing would apply."""
+    if flat_rope_parameters(config) or getattr(config, "rope_theta", None):
+        return
+    kind = getattr(config, "model_type", None) or type(config).__name__
+    name = getattr(config, "_name_or_path", "") or kind
+    raise PiLoraError(
+        f"{name} ({kind}) has no rotary position embeddings (no rope_parameters or rope_theta "
+        "in its config): pi-lora extends RoPE models only", field="model.name",
+        fix="choose a RoPE model (Llama, Mistral, Qwen2, Gemma, Phi, GPT-NeoX ...)")
 
 
 def _original_context(

@@ -7,19 +7,24 @@ run, so `pi-lora merge RUN_DIR` needs nothing else (besides the base model it na
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pi_lora.errors import PiLoraError
 from pi_lora.provenance import DataIdentity, ModelIdentity, Software
 from pi_lora.recipe import Recipe, load_recipe
 from pi_lora.rope import RopePlan
+from pi_lora.runlock import holder
+from pi_lora.safe_paths import check_replaceable
 
 RECIPE_FILE = "recipe.yaml"
 FACTS_FILE = "run.json"
@@ -27,6 +32,7 @@ METRICS_FILE = "metrics.jsonl"
 EXTRAS_FILE = "extras.safetensors"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
+RUN_MARKER = ".pi-lora-run"  # written first, so even a run that failed to start is known as ours
 
 
 FACTS_FORMAT = 1  # bump when a field changes meaning; read_facts names the mismatch
@@ -51,7 +57,7 @@ class RunFacts(BaseModel):
 
     model_config = ConfigDict(extra="ignore")  # keys of older formats are dropped, not errors
     format: int = FACTS_FORMAT
-    status: Literal["training", "complete"]
+    status: Literal["training", "complete", "failed"]
     rope: dict[str, Any]
     extras: list[str]
     trainable_parameters: int
@@ -69,6 +75,8 @@ class RunFacts(BaseModel):
     train_loss: float | None = None
     steps: int | None = None
     train_seconds: float | None = None
+    failure: str | None = None  # why a "failed" run stopped (diverged, disk full, crashed)
+    failed_step: int | None = None
     updated: float = 0.0
 
     @property
@@ -96,28 +104,101 @@ class RunDir:
 
     # ------------------------------------------------------------------ train side
 
-    def prepare(self, recipe: Recipe, *, resume: bool, overwrite: bool, is_main: bool) -> None:
+    @staticmethod
+    def is_owned(path: str | Path) -> bool:
+        """pi-lora wrote this directory: a run, or the marker of a start that failed early."""
+        path = Path(path)
+        return RunDir.is_run(path) or (path / RUN_MARKER).is_file() or _legacy_false_start(path)
+
+    def is_false_start(self) -> bool:
+        """Ours, with nothing to resume: no run.json or a failed one, and no complete
+        checkpoint (a start that failed on bad input, a full disk, an early divergence).
+        A rerun replaces it without --overwrite: nothing of value is lost."""
+        if _legacy_false_start(self.path):
+            return True
+        if not (self.path / RUN_MARKER).is_file() or self.latest_checkpoint() is not None:
+            return False
+        return not self.facts_path.exists() or self.recorded_failure()
+
+    def prepare(self, recipe: Recipe, *, resume: bool, overwrite: bool, is_main: bool,
+                protect: Sequence[str | Path] = ()) -> None:
         """Refuse to clobber a run by accident; a resume must match the recorded recipe.
 
-        The recipe is kept with absolute local paths, so the run works from any directory.
+        `is_main=False` only checks (a launcher, before its children load anything); the main
+        process then creates the directory atomically: see `check_start` and `create`.
+        `protect`: more paths --overwrite must never delete (the recipe file the user ran).
+        """
+        replace = self.check_start(recipe, resume=resume, overwrite=overwrite, protect=protect)
+        if is_main and not resume:
+            self.create(recipe, replace=replace, protect=protect)
+
+    def check_start(self, recipe: Recipe, *, resume: bool, overwrite: bool,
+                    protect: Sequence[str | Path] = ()) -> bool:
+        """Everything `prepare` would refuse, refused before anything loads or is written.
+
+        Returns whether an existing directory is to be replaced (`create(replace=True)`).
+        A false start (see `is_false_start`) is replaced without --overwrite.
         """
         recipe = recipe.with_absolute_paths()
-        exists = self.path.exists() and any(self.path.iterdir())
+        exists = self.path.is_dir() and any(self.path.iterdir())
+        if self.path.exists() and not self.path.is_dir():
+            raise PiLoraError(f"{self.path} is a file, not a run directory", field="output_dir",
+                              fix="choose a new output_dir")
         if exists and resume:
             self._check_same_recipe(recipe)
-            return
-        if exists and not overwrite:
-            raise PiLoraError(f"run directory {self.path} already exists", field="output_dir",
-                              fix="pass --resume to continue it, --overwrite to replace it, "
-                                  "or --set output_dir=NEW")
-        if resume and not exists:
+            return False
+        if resume:
             raise PiLoraError(f"nothing to resume in {self.path}", field="output_dir",
                               fix="drop --resume to start the run")
-        if is_main:
-            if exists:
+        false_start = exists and self.is_false_start()
+        if exists and not (overwrite or false_start):
+            raise PiLoraError(f"run directory {self.path} already exists{self._state()}",
+                              field="output_dir",
+                              fix="pass --resume to continue it, --overwrite to replace it, "
+                                  "or --set output_dir=NEW")
+        replace = check_replaceable(self.path, owned=RunDir.is_owned, what="run directory",
+                                    protect=[*_recipe_inputs(recipe), *protect])
+        if false_start and not overwrite:
+            print(f"pi-lora: replacing {self.path}, a start that failed before its first "
+                  f"checkpoint{self._state()}", flush=True)
+        return replace
+
+    def recorded_failure(self) -> bool:
+        """run.json already says "failed" (the first, most specific reason is kept)."""
+        try:
+            return self.read_facts().status == "failed"
+        except PiLoraError:
+            return False
+
+    def _state(self) -> str:
+        try:
+            facts = self.read_facts()
+        except PiLoraError:
+            return ""
+        if facts.status == "failed":
+            return f" (it failed at step {facts.failed_step}: {facts.failure})"
+        return f" (status {facts.status})"
+
+    def create(self, recipe: Recipe, *, replace: bool,
+               protect: Sequence[str | Path] = ()) -> None:
+        """The run directory appears whole: marker and recipe are written in a sibling temp
+        directory renamed into place, so a crash or a full disk leaves no half a run."""
+        recipe = recipe.with_absolute_paths()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            (tmp / RUN_MARKER).write_text("pi-lora run directory\n")
+            (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+            # checked again: the directory may have changed since check_start
+            if replace and check_replaceable(self.path, owned=RunDir.is_owned,
+                                             what="run directory",
+                                             protect=[*_recipe_inputs(recipe), *protect]):
                 shutil.rmtree(self.path)
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.recipe_path.write_text(recipe.to_yaml())
+            os.replace(tmp, self.path)  # onto a missing or an empty directory
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _check_same_recipe(self, recipe: Recipe) -> None:
         if not self.recipe_path.is_file():
@@ -176,18 +257,67 @@ class RunDir:
         return load_recipe(self.recipe_path)
 
     def check_complete(self) -> None:
-        """Merge refuses a run that has not saved its final adapter, naming the missing file."""
+        """Merge and eval refuse a run that did not finish well: status not complete (still
+        training, killed, failed), a missing adapter file, or non-finite adapter / extras."""
         self.load_recipe()
         facts = self.read_facts()
-        for needed in (self.adapter_dir / "adapter_config.json",):
-            if not needed.is_file():
-                ckpt = self.latest_checkpoint()
-                hint = f" (latest checkpoint: {ckpt.name}; finish with --resume)" if ckpt else ""
-                raise PiLoraError(f"{needed} is missing{hint}", field="RUN_DIR",
-                                  fix="let `pi-lora train` finish, or resume it")
-        if facts.extras and not self.extras_path.is_file():
-            raise PiLoraError(f"{self.extras_path} is missing", field="RUN_DIR",
-                              fix="the run trained extras but did not save them: resume it")
+        ckpt = self.latest_checkpoint()
+        resume = f"; latest checkpoint: {ckpt.name}" if ckpt else ""
+        if facts.status == "failed":
+            raise PiLoraError(f"the run failed at step {facts.failed_step}: {facts.failure}",
+                              field="RUN_DIR",
+                              fix=f"fix the cause and `pi-lora train --resume`{resume}")
+        if facts.status != "complete":
+            busy = holder(self.path)
+            state = f"still training: {busy}" if busy else "stopped before it finished"
+            raise PiLoraError(f"the run has not finished (run.json status {facts.status!r}, "
+                              f"{state}{resume})", field="RUN_DIR",
+                              fix="let `pi-lora train` finish" if busy
+                              else "resume it with `pi-lora train --resume`")
+        needed = [self.adapter_dir / "adapter_config.json"]
+        needed += [self.extras_path] if facts.extras else []
+        for path in needed:
+            if not path.is_file():
+                raise PiLoraError(f"{path} is missing{resume}", field="RUN_DIR",
+                                  fix="resume the run with `pi-lora train --resume`")
+        for path in [*self.adapter_dir.glob("*.safetensors"), self.extras_path]:
+            bad = nonfinite_tensors(path)
+            if bad:
+                raise PiLoraError(f"{path} holds NaN/inf values ({', '.join(bad[:3])})",
+                                  field="RUN_DIR",
+                                  fix=f"retrain with a lower training.learning_rate{resume}")
+
+
+def nonfinite_tensors(path: Path) -> list[str]:
+    """Names of the tensors in a safetensors file holding NaN or inf ([] if none or no file)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return []
+    return [name for name, tensor in load_file(str(path)).items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def _legacy_false_start(path: Path) -> bool:
+    """What pi-lora before the run marker left when a start failed: the directory holds only
+    recipe.yaml, and that is a complete resolved recipe as pi-lora writes it (every field of
+    every section), which a recipe written by hand never is."""
+    if not path.is_dir() or [p.name for p in path.iterdir()] != [RECIPE_FILE]:
+        return False
+    try:
+        raw = yaml.safe_load((path / RECIPE_FILE).read_text())
+        return raw == Recipe.model_validate(raw).model_dump(mode="json")
+    except (OSError, yaml.YAMLError, ValidationError, TypeError):
+        return False
+
+
+def _recipe_inputs(recipe: Recipe) -> list[Path]:
+    """What a run reads and must never delete: local base model and tokenizer, data files,
+    data cache, a local dataset, the DeepSpeed config."""
+    data = recipe.data
+    named = [recipe.model.name, recipe.model.tokenizer, *data.files, data.cache_dir,
+             data.dataset.name if data.dataset else None, recipe.training.deepspeed]
+    return [Path(p) for p in named if p and Path(p).exists()]
 
 
 def save_extras(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,12 @@ from pi_lora.model import (
     load_tokenizer,
     wrap_lora,
 )
+from pi_lora.outcome import describe_failure, disk_full_error, is_disk_full, record_failure
 from pi_lora.provenance import IdentityJob, software
 from pi_lora.recipe import DataSection, Recipe, resolve_deepspeed_config
 from pi_lora.rope import RopePlan, plan_rope
 from pi_lora.rundir import EXTRAS_FILE, RunDir, RunFacts, RunProvenance
+from pi_lora.runlock import hold
 from pi_lora.trainer import loss_route, trainer_class
 
 
@@ -143,7 +146,9 @@ def training_arguments(recipe: Recipe, run: RunDir,
         deepspeed=deepspeed_config(recipe), disable_tqdm=True, remove_unused_columns=False,
         # use_cpu: the Trainer's bf16 check otherwise demands a GPU; bf16 autocast runs on CPU
         use_cpu=on_cpu, optim="adamw_torch",
-        dataloader_num_workers=0, dataloader_pin_memory=not on_cpu, **extra,
+        dataloader_num_workers=0, dataloader_pin_memory=not on_cpu,
+        # the filter would log a NaN loss as the running mean: a diverged run looked healthy
+        logging_nan_inf_filter=False, **extra,
     )
 
 
@@ -194,19 +199,39 @@ def build_training_model(recipe: Recipe, plan: RopePlan, device_map: Any = None)
     return model
 
 
-def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run the recipe; returns the run directory. Safe to start under torchrun/deepspeed."""
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
+          protect: Sequence[str | Path] = ()) -> Path:
+    """Run the recipe; returns the run directory. Safe to start under torchrun/deepspeed.
+
+    The main process holds the run's lock throughout (pi_lora.runlock); everything that can
+    fail on bad input (config, rope, tokenizer, data, weights) runs before the run directory
+    is created, and a run that fails or diverges says so in run.json and exits non-zero.
+    `protect`: paths --overwrite must never delete besides the recipe's inputs (the CLI
+    passes the recipe file).
+    """
+    check_training_device(recipe)
+    run = RunDir(recipe.output_dir)
+    try:
+        with hold(run.path, enabled=_is_main()):
+            return _train(recipe, run, resume=resume, overwrite=overwrite, protect=protect)
+    except Exception as exc:
+        if not is_disk_full(exc) or isinstance(exc, PiLoraError):
+            raise
+        raise disk_full_error(exc) from exc
+
+
+def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool,
+           protect: Sequence[str | Path]) -> Path:
     from transformers import set_seed
 
-    check_training_device(recipe)
     is_main = _is_main()
     allocator = tune_cpu_allocator() if not torch.cuda.is_available() else None
-    run = RunDir(recipe.output_dir)
     config = load_config(recipe.model)
     plan = plan_rope(recipe.rope, config)
+    prepares = _prepares_run_dir(recipe)  # other ranks would race its mkdir
+    replace = prepares and run.check_start(recipe, resume=resume, overwrite=overwrite,
+                                           protect=protect)
     tokenizer = load_tokenizer(recipe.model)
-    if _prepares_run_dir(recipe):  # other ranks would race its mkdir and see "already exists"
-        run.prepare(recipe, resume=resume, overwrite=overwrite, is_main=True)
     identity = IdentityJob(recipe.model, recipe.data, config) if is_main else None
     set_seed(recipe.training.seed)
     # arguments first: they join the process group, so the data is built once while the other
@@ -215,39 +240,72 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> P
                               evaluate=recipe.data.validation_sequences > 0)
     built = build_data_once(recipe.data, tokenizer, recipe.seq_len, recipe.training.seed, args)
     model = build_training_model(recipe, plan)
+    if prepares and not resume:  # only now: a bad input above leaves nothing behind
+        run.create(recipe, replace=replace, protect=protect)
     trainer = _build_trainer(recipe, run, args, model, tokenizer, built)
     trainable, total = count_parameters(model)
+    facts = None
     if is_main:
         facts = _start_facts(recipe, plan, trainer.extras_names, trainable, total, built, allocator)
         facts.loss = loss_route(model, recipe.training.chunked_loss)[1]
         run.write_facts(facts)
-        mix = recipe.data.short_mix
-        lengths = f"{recipe.seq_len}" + (f" ({mix.fraction:.0%} cut to {mix.seq_len})" if mix else "")
-        print(f"pi-lora: {recipe.model.name} {plan.method} x{plan.factor:g} "
-              f"({plan.original_context} -> {plan.target_context}), "
-              f"{built.sequences if built.sequences is not None else 'a stream of'} sequences "
-              f"of {lengths}, global batch {recipe.training.global_batch(_world_size())} "
-              f"({recipe.training.per_device_batch_size} x {_world_size()} processes x "
-              f"{recipe.training.accumulation_steps(_world_size())} accumulation), "
-              f"trainable {trainable:,} / {total:,}", flush=True)
-        _report_conversations(built, recipe.seq_len)
-        print(f"pi-lora: loss {facts.loss}", flush=True)
+        _announce(recipe, plan, built, trainable, total, facts)
     checkpoint = agreed_checkpoint(run) if resume else None
     if checkpoint is not None and is_main:
         _forget_metrics_after(run, _checkpoint_step(checkpoint))
+    try:
+        _fit(trainer, run, checkpoint, facts, identity)
+    except BaseException as exc:
+        if facts is not None and not run.recorded_failure():  # a divergence says it better
+            record_failure(run, facts, trainer.state.global_step, describe_failure(exc))
+        raise
+    return run.path
+
+
+def _fit(trainer: Any, run: RunDir, checkpoint: Path | None, facts: RunFacts | None,
+         identity: IdentityJob | None) -> None:
+    """Train, then save and mark complete only a run whose weights are finite."""
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if trainer.divergence is None and not trainer.weights_finite():
+        trainer.diverge("the trainable weights hold NaN/inf after the last step")
+    if trainer.divergence is not None:
+        step, reason = trainer.divergence
+        if facts is not None:
+            record_failure(run, facts, step, f"diverged: {reason}")
+        last = run.latest_checkpoint()
+        keep = (f"its last good checkpoint is {last.name}: lower it and `pi-lora train "
+                f"--resume`, or restart with --overwrite") if last else \
+            "then rerun (with no checkpoint to resume, the failed run is replaced)"
+        raise PiLoraError(f"training diverged at step {step} ({reason}); no adapter was saved",
+                          field="training.learning_rate",
+                          fix=f"lower training.learning_rate (was {trainer.args.learning_rate:g}); "
+                              f"{keep}")
     _save_final(trainer, run)
-    if is_main:
+    if facts is not None:  # the main process: the adapter directory made safe for peft users
         write_adapter_card(run.adapter_dir, run.extras_path if trainer.extras_names else None,
-                           recipe, plan)
-    if is_main and identity is not None:
+                           run.load_recipe(), facts.rope_plan)
+    if facts is not None and identity is not None:
         provenance = RunProvenance(software=facts.provenance.software, **identity.result())
         run.write_facts(facts.model_copy(update={
             "status": "complete", "final_loss": _last_loss(trainer),
             "train_loss": result.training_loss, "steps": trainer.state.global_step,
             "train_seconds": time.time() - started, "provenance": provenance}))
-    return run.path
+
+
+def _announce(recipe: Recipe, plan: RopePlan, built: BuiltData, trainable: int, total: int,
+              facts: RunFacts) -> None:
+    mix = recipe.data.short_mix
+    lengths = f"{recipe.seq_len}" + (f" ({mix.fraction:.0%} cut to {mix.seq_len})" if mix else "")
+    print(f"pi-lora: {recipe.model.name} {plan.method} x{plan.factor:g} "
+          f"({plan.original_context} -> {plan.target_context}), "
+          f"{built.sequences if built.sequences is not None else 'a stream of'} sequences "
+          f"of {lengths}, global batch {recipe.training.global_batch(_world_size())} "
+          f"({recipe.training.per_device_batch_size} x {_world_size()} processes x "
+          f"{recipe.training.accumulation_steps(_world_size())} accumulation), "
+          f"trainable {trainable:,} / {total:,}", flush=True)
+    _report_conversations(built, recipe.seq_len)
+    print(f"pi-lora: loss {facts.loss}", flush=True)
 
 
 def _prepares_run_dir(recipe: Recipe) -> bool:

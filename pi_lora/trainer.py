@@ -7,6 +7,8 @@
   and checkpoint, and restored on resume.
 - `MasterWeightsSave`: under DeepSpeed, the final adapter and extras come from the optimizer's
   full fp32 masters, not the module's (bf16 or ZeRO-3 empty) copies.
+- `DivergenceGuard`: training stops at the first non-finite loss or gradient norm, and no
+  checkpoint is saved from non-finite weights; `divergence` says where and why.
 
 Everything is configured through the constructor; the class is assembled lazily so importing
 pi-lora does not import transformers.
@@ -15,6 +17,7 @@ pi-lora does not import transformers.
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +127,66 @@ class MasterWeightsSave:
         self._save(output_dir or self.args.output_dir, state_dict=gather_trainable(self.model))
 
 
+class DivergenceGuard:
+    """A diverged run stops at once and keeps its last good checkpoint.
+
+    transformers' `logging_nan_inf_filter` would hide a NaN loss behind the running mean
+    (training_arguments turns it off), so the logged loss and grad_norm are the evidence; the
+    weights are checked before every checkpoint, since they may go bad between two logs.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.divergence: tuple[int, str] | None = None  # (step, reason)
+        super().__init__(*args, **kwargs)
+        self.add_callback(_divergence_callback(self))
+
+    def diverge(self, reason: str) -> None:
+        if self.divergence is None:
+            self.divergence = (self.state.global_step, reason)
+        self.control.should_training_stop = True
+        self.control.should_save = False
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        if self.divergence is None and not self.weights_finite():
+            self.diverge("the trainable weights hold NaN/inf")
+        if self.divergence is None:
+            super()._save_checkpoint(model, trial)
+
+    def weights_finite(self) -> bool:
+        """Every trainable parameter finite, on every rank (a collective under a process
+        group, so all ranks take the same branch; ZeRO-3 ranks check their own shards)."""
+        import torch.distributed as dist
+
+        ok = torch.tensor(1.0, device=self.args.device)
+        for param in self.model.parameters():
+            if param.requires_grad and param.numel() and not bool(torch.isfinite(param).all()):
+                ok.zero_()
+                break
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+
+def _divergence_callback(trainer: Any) -> Any:
+    from transformers import TrainerCallback
+
+    class Divergence(TrainerCallback):
+        """Logged values are already averaged over ranks: every rank stops at the same step."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
+                   **kw: Any) -> Any:
+            for key in ("loss", "grad_norm", "eval_loss"):
+                value = (logs or {}).get(key)
+                if value is not None and not math.isfinite(float(value)):
+                    trainer.diverge(f"{key} {value}")
+                    control.should_training_stop = True
+                    control.should_save = False
+                    break
+            return control
+
+    return Divergence()
+
+
 def _install_chunked_forward(module: Any, chunk_tokens: int) -> None:
     """`module(..., pi_lora_chunked=True)` returns the chunked loss from inside the module's
     own forward, which is where DDP's reducer expects the graph to be built."""
@@ -164,7 +227,8 @@ def trainer_class() -> type:
     extras_names=..., ...): the mixins in front of transformers' Trainer."""
     from transformers import Trainer
 
-    return type("PiLoraTrainer", (ChunkedLoss, ExtrasCheckpoints, MasterWeightsSave, Trainer), {})
+    return type("PiLoraTrainer", (ChunkedLoss, ExtrasCheckpoints, MasterWeightsSave,
+                                  DivergenceGuard, Trainer), {})
 
 
 def checkpoint_offload(enabled: bool) -> Any:

@@ -28,6 +28,8 @@ LAYER: dict[str, int] = {
     "digest": 0,
     "quiet": 0,
     "safe_yaml": 0,  # bounded YAML reading, duplicate keys refused
+    "safe_paths": 0,  # the one gate before deleting a directory (--overwrite)
+    "runlock": 0,  # one process per run directory
     # 1: the typed input
     "schema": 1,  # the recipe's pydantic sections
     "recipe": 1,
@@ -53,10 +55,12 @@ LAYER: dict[str, int] = {
     # 5: the run directory format: below train (which writes it) and merge/eval (which read it)
     "rundir": 5,
     "adapter_card": 5,  # the adapter directory's README and scaled base config
+    "integrity": 5,  # the base model still the one a run trained on (merge, eval)
     # 6: training
     "trainer": 6,  # the Trainer subclass train assembles
     "train": 6,
     "launch": 6,
+    "outcome": 6,  # a failed run recorded as failed; disk full as one user error
     # 7: a trained run -> a release
     "trained": 7,
     "release": 7,
