@@ -90,9 +90,11 @@ def build(size: str, root: Path) -> Path:
     save_file(adapter, str(run.adapter_dir / "adapter_model.safetensors"))
     extras: dict[str, torch.Tensor] = {}
     index_path = base / "model.safetensors.index.json"
-    index = (json.loads(index_path.read_text())["weight_map"] if index_path.is_file() else
-             {name: "model.safetensors" for name in safe_open(str(base / "model.safetensors"),
-                                                               "pt").keys()})
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())["weight_map"]
+    else:
+        with safe_open(str(base / "model.safetensors"), "pt") as f:
+            index = dict.fromkeys(f.keys(), "model.safetensors")
     for name, file in index.items():
         if name == "model.embed_tokens.weight" or name.endswith("norm.weight"):
             with safe_open(str(base / file), "pt") as f:

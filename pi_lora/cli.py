@@ -43,17 +43,21 @@ def cmd_train(recipe_path: str, overrides: list[str], resume: bool, overwrite: b
     from pi_lora.launch import maybe_relaunch, needs_launch, train_child_args
     from pi_lora.recipe import load_recipe
     from pi_lora.rundir import RunDir
+    from pi_lora.runlock import hold
 
     recipe = load_recipe(recipe_path, overrides)
+    protect = [recipe_path]  # --overwrite never deletes the recipe file being run
     if needs_launch(launch):  # user errors exit 2 here, not inside N processes
-        RunDir(recipe.output_dir).prepare(recipe, resume=resume, overwrite=overwrite,
-                                          is_main=False)
-    status = maybe_relaunch(launch, train_child_args(recipe_path, overrides, resume, overwrite))
-    if status is not None:
-        return status
+        # the launcher holds the run's lock for its children: a second launch is refused
+        # before it starts N processes
+        with hold(recipe.output_dir, for_children=True):
+            RunDir(recipe.output_dir).prepare(recipe, resume=resume, overwrite=overwrite,
+                                              is_main=False, protect=protect)
+            return maybe_relaunch(launch, train_child_args(recipe_path, overrides, resume,
+                                                           overwrite)) or 0
     from pi_lora.train import train
 
-    run = train(recipe, resume=resume, overwrite=overwrite)
+    run = train(recipe, resume=resume, overwrite=overwrite, protect=protect)
     if process_info().is_main:
         print(f"pi-lora: run saved in {run}\n  next: pi-lora merge {run}")
     _release_process_group()
@@ -89,7 +93,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     report = merge_run(args.run_dir, args.output, dtype=args.dtype, probe_tokens=args.probe_tokens,
                        overwrite=args.overwrite, verify=args.verify, device=args.device,
-                       max_shard_size=args.max_shard_size)
+                       max_shard_size=args.max_shard_size,
+                       allow_base_mismatch=args.allow_base_mismatch)
     lines = [
         f"pi-lora: release written to {report.release_dir} ({report.dtype}, {report.shards} "
         f"shard(s); {report.lora_folded} LoRA pairs and {report.extras_applied} trained extras "
@@ -300,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto (default): full while it needs at most half the RAM")
     p.add_argument("--device", default="cpu", help="where deltas and the check run, e.g. cuda")
     p.add_argument("--max-shard-size", default="5GB", help="release shard size (default 5GB)")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="merge although the base's fingerprint differs from the one trained on "
+                        "(a loud warning instead of an error)")
     p.set_defaults(run=cmd_merge)
 
     p = sub.add_parser("eval", parents=[common],

@@ -39,6 +39,7 @@ from pi_lora.fold import (
     release_tensor_names,
     requantizer,
 )
+from pi_lora.integrity import check_base_identity
 from pi_lora.model import apply_sliding_window, load_config, load_tokenizer, resolve_source
 from pi_lora.recipe import DType, Recipe
 from pi_lora.release import (
@@ -86,7 +87,8 @@ class MergeReport:
 def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
               dtype: DType | None = None, probe_tokens: int | None = None,
               overwrite: bool = False, verify: VerifyMode = "auto", device: str = "cpu",
-              max_shard_size: str | int = DEFAULT_MAX_SHARD) -> MergeReport:
+              max_shard_size: str | int = DEFAULT_MAX_SHARD,
+              allow_base_mismatch: bool = False) -> MergeReport:
     """Fold adapter + extras into the base shard by shard, verify, publish atomically."""
     started = time.time()
     tune_cpu_allocator()  # each freed tensor goes back to the OS: the peak stays one shard's
@@ -96,7 +98,8 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
     facts = run.read_facts()
     out = Path(output_dir) if output_dir else Path("release") / run.path.resolve().name
     release_dtype: DType = dtype or recipe.model.dtype
-    _check_output(out, overwrite, run)
+    _check_output(out, overwrite, run, recipe)
+    check_base_identity(run, allow_mismatch=allow_base_mismatch)
     torch_device = _device(device)
     mode = _verify_mode(verify, facts)
     _check_probe(probe_tokens, facts.rope_plan)
@@ -114,35 +117,47 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
             report.shards, report.largest_shard_bytes = stats.shards, stats.largest_shard_bytes
             report.lora_folded, report.extras_applied = stats.lora_folded, stats.extras_applied
             (tmp / MERGE_REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            _publish(tmp, out, run, recipe)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 
+def _publish(tmp: Path, out: Path, run: RunDir, recipe: Recipe) -> None:
+    """Replace `out` (only a release pi-lora wrote, checked again) by the verified `tmp`."""
+    from pi_lora.release import is_release
+    from pi_lora.safe_paths import remove_owned_dir
+
+    remove_owned_dir(out, owned=is_release, what="release", protect=_protected(run, recipe),
+                     field="--output")
+    if out.is_dir():  # an empty directory left in place: os.replace needs it gone
+        out.rmdir()
+    os.replace(tmp, out)
+
+
 # --------------------------------------------------------------------------- checks up front
 
 
-def _check_output(out: Path, overwrite: bool, run: RunDir) -> None:
-    from pi_lora.release import is_release
+def _protected(run: RunDir, recipe: Recipe) -> list[Path]:
+    """What a release directory may never be or contain: the run and the local base."""
+    protect = [run.path]
+    source = resolve_source(recipe.model)
+    if source.is_local:
+        protect.append(Path(source.path))
+    return protect
 
-    resolved, run_dir = out.resolve(), run.path.resolve()
-    if resolved == run_dir or resolved in run_dir.parents or resolved in Path.cwd().parents \
-            or resolved == Path.cwd().resolve() or resolved == Path.home().resolve():
-        raise PiLoraError(f"{out} holds the run, the working directory or home",
-                          field="--output", fix="write the release to a directory of its own")
-    if resolved.is_file() or (resolved.exists() and not resolved.is_dir()):
-        raise PiLoraError(f"{out} is a file", field="--output", fix="name a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise PiLoraError(f"{out} already exists", field="--output",
-                              fix="choose another --output, or pass --overwrite")
-        if not is_release(out):
-            raise PiLoraError(f"{out} is not a pi-lora release; --overwrite only replaces those",
-                              field="--output", fix="choose another --output")
+
+def _check_output(out: Path, overwrite: bool, run: RunDir, recipe: Recipe) -> None:
+    """Before any work: --output is new, empty, or (with --overwrite) a release pi-lora wrote."""
+    from pi_lora.release import is_release
+    from pi_lora.safe_paths import check_replaceable
+
+    replaceable = check_replaceable(out, owned=is_release, what="release",
+                                    protect=_protected(run, recipe), field="--output")
+    if replaceable and not overwrite:
+        raise PiLoraError(f"{out} already exists", field="--output",
+                          fix="choose another --output, or pass --overwrite")
 
 
 def _device(name: str) -> torch.device:

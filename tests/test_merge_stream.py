@@ -145,13 +145,13 @@ def test_merge_never_deletes_what_it_did_not_write(tied_run: RunDir, tmp_path: P
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     before = sorted(p.name for p in tied_run.path.iterdir())
     code = main(["merge", str(tied_run.path), "--output", str(tied_run.path), "--overwrite"])
-    assert code == 2 and "holds the run" in capsys.readouterr().err
+    assert code == 2 and "refusing to replace" in capsys.readouterr().err
     assert sorted(p.name for p in tied_run.path.iterdir()) == before
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "keep.txt").write_text("mine")
     code = main(["merge", str(tied_run.path), "--output", str(notes), "--overwrite"])
-    assert code == 2 and "not a pi-lora release" in capsys.readouterr().err
+    assert code == 2 and "not a release written by pi-lora" in capsys.readouterr().err
     assert (notes / "keep.txt").read_text() == "mine"
     code = main(["merge", str(tied_run.path), "--output", str(tmp_path / "r"),
                  "--probe-tokens", "100000"])
@@ -181,3 +181,23 @@ def test_merge_on_cuda_matches_the_cpu_merge(tied_run: RunDir, tmp_path: Path) -
     ours, theirs = _release_tensors(tmp_path / "gpu"), _release_tensors(tmp_path / "cpu")
     for name, tensor in theirs.items():
         torch.testing.assert_close(ours[name], tensor, atol=1e-6, rtol=1e-5)
+
+
+def test_merge_refuses_a_base_that_changed_since_training(tiny_models, write_recipe,
+                                                          tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Same shapes, other weights: merged silently before; now refused, or merged by flag."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models("llama"), base)
+    run = train(load_recipe(write_recipe(base, training={"max_steps": 1, "save_steps": 1})))
+    tensors = load_file(str(base / "model.safetensors"))
+    save_file({k: v * 1.01 for k, v in tensors.items()}, str(base / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert main(["merge", str(run), "--output", str(tmp_path / "rel")]) == 2
+    assert "differs from the one" in capsys.readouterr().err
+    assert not (tmp_path / "rel").exists()
+    assert main(["merge", str(run), "--output", str(tmp_path / "rel"),
+                 "--allow-base-mismatch"]) == 0
+    assert "WARNING" in capsys.readouterr().err
