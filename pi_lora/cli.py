@@ -48,9 +48,9 @@ def cmd_train(recipe_path: str, overrides: list[str], resume: bool, overwrite: b
     recipe = load_recipe(recipe_path, overrides)
     protect = [recipe_path]  # --overwrite never deletes the recipe file being run
     if needs_launch(launch):  # user errors exit 2 here, not inside N processes
-        # the launcher holds the run's lock for its children: a second launch is refused
-        # before it starts N processes
-        with hold(recipe.output_dir, for_children=True):
+        # the main node's launcher holds the run's lock for its children: a second launch is
+        # refused before it starts N processes (other nodes' launchers share the run)
+        with hold(recipe.output_dir, enabled=launch.node_rank == 0, for_children=True):
             RunDir(recipe.output_dir).prepare(recipe, resume=resume, overwrite=overwrite,
                                               is_main=False, protect=protect)
             return maybe_relaunch(launch, train_child_args(recipe_path, overrides, resume,

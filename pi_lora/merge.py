@@ -12,14 +12,11 @@ too big to hold twice (pi_lora.verify).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import shutil
-import signal
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +37,19 @@ from pi_lora.fold import (
     requantizer,
 )
 from pi_lora.integrity import check_base_identity
+from pi_lora.merge_checks import (
+    VerifyMode,
+    check_output,
+    check_probe,
+    clean_stale,
+    parse_size,
+    protected_paths,
+    resolve_device,
+    signals_raise,
+    verify_mode,
+)
 from pi_lora.model import apply_sliding_window, load_config, load_tokenizer, resolve_source
+from pi_lora.outcome import is_disk_full
 from pi_lora.recipe import DType, Recipe
 from pi_lora.release import (
     MERGE_REPORT_FILE,
@@ -56,7 +65,6 @@ from pi_lora.verify import Comparison, compare_logits, verify_layers
 
 # max |logit difference| relative to max |logit|, by release dtype (rounding of merged weights)
 RELATIVE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
-VerifyMode = Literal["auto", "full", "layers"]
 DEFAULT_MAX_SHARD = "5GB"
 
 
@@ -98,18 +106,18 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
     facts = run.read_facts()
     out = Path(output_dir) if output_dir else Path("release") / run.path.resolve().name
     release_dtype: DType = dtype or recipe.model.dtype
-    _check_output(out, overwrite, run, recipe)
+    check_output(out, overwrite, run, recipe)
     check_base_identity(run, allow_mismatch=allow_base_mismatch)
-    torch_device = _device(device)
-    mode = _verify_mode(verify, facts)
-    _check_probe(probe_tokens, facts.rope_plan)
-    _clean_stale(out)
+    on_device = resolve_device(device)
+    mode = verify_mode(verify, facts)
+    check_probe(probe_tokens, facts.rope_plan)
+    max_shard_bytes = parse_size(max_shard_size)
+    clean_stale(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        with _signals_raise():
+        with signals_raise():
             tmp.mkdir(parents=True)
-            stats = _fold(tmp, run, recipe, facts, release_dtype, torch_device,
-                          _parse_size(max_shard_size))
+            stats = _fold(tmp, run, recipe, facts, release_dtype, on_device, max_shard_bytes)
             report = verify_release(run, tmp, verify=mode, probe_tokens=probe_tokens,
                                     dtype=release_dtype, device=device)
             report.release_dir = str(out)
@@ -118,6 +126,12 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
             report.lora_folded, report.extras_applied = stats.lora_folded, stats.extras_applied
             (tmp / MERGE_REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
             _publish(tmp, out, run, recipe)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise PiLoraError(f"the disk filled while writing the release: {str(exc)[:200]}",
+                          field="--output", fix="free space or choose another --output; "
+                          "nothing was published") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -129,7 +143,7 @@ def _publish(tmp: Path, out: Path, run: RunDir, recipe: Recipe) -> None:
     from pi_lora.release import is_release
     from pi_lora.safe_paths import remove_owned_dir
 
-    remove_owned_dir(out, owned=is_release, what="release", protect=_protected(run, recipe),
+    remove_owned_dir(out, owned=is_release, what="release", protect=protected_paths(run, recipe),
                      field="--output")
     if out.is_dir():  # an empty directory left in place: os.replace needs it gone
         out.rmdir()
@@ -137,101 +151,6 @@ def _publish(tmp: Path, out: Path, run: RunDir, recipe: Recipe) -> None:
 
 
 # --------------------------------------------------------------------------- checks up front
-
-
-def _protected(run: RunDir, recipe: Recipe) -> list[Path]:
-    """What a release directory may never be or contain: the run and the local base."""
-    protect = [run.path]
-    source = resolve_source(recipe.model)
-    if source.is_local:
-        protect.append(Path(source.path))
-    return protect
-
-
-def _check_output(out: Path, overwrite: bool, run: RunDir, recipe: Recipe) -> None:
-    """Before any work: --output is new, empty, or (with --overwrite) a release pi-lora wrote."""
-    from pi_lora.release import is_release
-    from pi_lora.safe_paths import check_replaceable
-
-    replaceable = check_replaceable(out, owned=is_release, what="release",
-                                    protect=_protected(run, recipe), field="--output")
-    if replaceable and not overwrite:
-        raise PiLoraError(f"{out} already exists", field="--output",
-                          fix="choose another --output, or pass --overwrite")
-
-
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PiLoraError("--device cuda, but this machine has no CUDA GPU", field="--device",
-                          fix="drop --device (the merge runs on the CPU)")
-    return device
-
-
-def _ram_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 0
-
-
-def full_check_bytes(total_parameters: int) -> int:
-    """RAM the whole-model check needs: the fp32 model, its logits and loader copies (x3)."""
-    return total_parameters * 4 * 3
-
-
-def _verify_mode(verify: VerifyMode, facts: RunFacts) -> Literal["full", "layers"]:
-    """`auto`: the whole-model check while it takes at most half the RAM, else layer by layer."""
-    if verify != "auto":
-        return verify
-    return "full" if full_check_bytes(facts.total_parameters) <= _ram_bytes() // 2 else "layers"
-
-
-def _check_probe(probe_tokens: int | None, plan: RopePlan) -> None:
-    if probe_tokens is not None and not 0 < probe_tokens <= plan.target_context:
-        raise PiLoraError(f"--probe-tokens {probe_tokens} is outside 1..{plan.target_context} "
-                          "(the release's context)", field="--probe-tokens",
-                          fix=f"give at most {plan.target_context}, or leave it unset")
-
-
-def _parse_size(size: str | int) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    text = size.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
-
-
-def _clean_stale(out: Path) -> None:
-    """Remove temp dirs of merges into `out` that were killed (their pid is gone)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        try:
-            pid = int(tmp.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (ValueError, PermissionError):
-            continue
-
-
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """SIGTERM / SIGHUP end the merge through the cleanup path, like Ctrl-C does."""
-    def stop(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            previous[sig] = signal.signal(sig, stop)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- the fold
@@ -343,7 +262,7 @@ def verify_release(run_path: str | Path | RunDir, release_dir: str | Path, *,
         base = _base_tensors(run, recipe, skeleton)
         del skeleton
         comparison = verify_layers(config, release, base, read_adapter(run.adapter_dir), probe,
-                                   _device(device))
+                                   resolve_device(device))
     else:
         comparison, quantized = _verify_full(run, release, probe, recipe.model.quantization
                                              is not None)

@@ -45,6 +45,9 @@ from pi_lora.rundir import EXTRAS_FILE, RunDir, RunFacts, RunProvenance
 from pi_lora.runlock import hold
 from pi_lora.trainer import loss_route, trainer_class
 
+# TensorBoard's folder when the user set one before pi-lora ran; else each run's own
+_USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
+
 
 def check_training_device(recipe: Recipe) -> None:
     """GPU-only training options fail before anything is loaded or written."""
@@ -123,7 +126,9 @@ def training_arguments(recipe: Recipe, run: RunDir,
 
     t = recipe.training
     # transformers 5 takes the tensorboard directory from the environment only
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.path / "tensorboard"))
+    # each run its own folder (a second train() in one process must not reuse the first's),
+    # unless the user chose one for every run
+    os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(run.path / "tensorboard")
     on_cpu = not torch.cuda.is_available()
     extra: dict[str, Any] = {}
     if accelerator_config:

@@ -66,6 +66,7 @@ LAYER: dict[str, int] = {
     "release": 7,
     "card": 7,  # the release's model card
     "merge": 7,
+    "merge_checks": 7,  # what merge settles before any work
     "fold": 7,  # adapter + extras folded into the base, shard by shard
     "verify": 7,  # release == base + adapter, whole or layer by layer
     # 8: evaluation

@@ -93,16 +93,24 @@ def test_qlora_zero3_trains_merges_reloads(qlora_run: RunDir, tmp_path: Path) ->
 
 def test_merging_into_the_original_weights_is_caught(qlora_run: RunDir, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """The limit above fails a merge that folds the adapter into weights it never saw."""
-    import pi_lora.trained as trained
+    """The classic QLoRA merge mistake (folding the adapter into the full-precision weights it
+    never saw) differs from base + adapter by the nf4 error: the whole-model check, whose
+    reference transformers quantizes and dequantizes itself, refuses it. (The layer check
+    shares the fold's quantization code, which tests/test_merge_stream.py pins bit-identical
+    to transformers' own.)"""
+    import pi_lora.fold as fold
+    from pi_lora.errors import PiLoraError
 
-    def original_weights(recipe: Any, plan: Any, dtype: str) -> Any:
-        return trained.load_model(recipe.model, plan, dtype=dtype, quantize=False)
+    real = fold.requantizer
 
-    monkeypatch.setattr(trained, "dequantized_base", original_weights)
-    report = merge_run(qlora_run.path, tmp_path / "release", dtype="fp32")
-    assert report.relative_diff <= report.tolerance  # self-consistent, so only this catches it
-    assert report.quantized_max_abs_diff > 100 * QUANTIZED_LIMIT
+    def original_weights(model: Any, skeleton: Any) -> Any:
+        _, quantized = real(model, skeleton)
+        return (lambda weight: weight.float()), quantized
+
+    monkeypatch.setattr("pi_lora.merge.requantizer", original_weights)
+    with pytest.raises(PiLoraError, match="disagrees"):
+        merge_run(qlora_run.path, tmp_path / "release", dtype="fp32", verify="full")
+    assert not (tmp_path / "release").exists()
 
 
 def test_4bit_inference_runs_the_training_arithmetic(tiny_models) -> None:

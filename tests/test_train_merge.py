@@ -233,3 +233,14 @@ def test_tiny_recipe_losses_are_pinned(tiny_models, write_recipe) -> None:
     recipe = load_recipe(write_recipe(tiny_models("llama"), training={"max_steps": 6}))
     losses = _losses(train(recipe))
     assert losses == pytest.approx(PINNED_TINY_LOSSES, rel=1e-5, abs=0), losses
+
+
+def test_two_runs_in_one_process_log_to_their_own_tensorboard(tiny_models, write_recipe,
+                                                              tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    for name in ("a", "b"):
+        path = write_recipe(tiny_models("llama"), f"{name}.yaml", output_dir=str(tmp_path / name),
+                            training={"max_steps": 1, "save_steps": 1, "report_to": "tensorboard"})
+        train(load_recipe(path))
+    for name in ("a", "b"):
+        assert list((tmp_path / name / "tensorboard").glob("events.out.tfevents.*")), name

@@ -46,7 +46,7 @@ class MergePlan:
 
 def plan_merge(recipe: Recipe, shape: ModelShape, probe_tokens: int) -> MergePlan:
     """The merge's RAM for this recipe's model, on any machine (GPU or not)."""
-    from pi_lora.merge import full_check_bytes
+    from pi_lora.merge_checks import full_check_bytes
 
     shard, source = _base_shard_bytes(recipe)
     out = DTYPE_BYTES[recipe.model.dtype]
