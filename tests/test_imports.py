@@ -59,6 +59,7 @@ LAYER: dict[str, int] = {
     # 6: training
     "trainer": 6,  # the Trainer subclass train assembles
     "train": 6,
+    "train_args": 6,  # TrainingArguments, DeepSpeed config and progress line from the recipe
     "launch": 6,
     "outcome": 6,  # a failed run recorded as failed; disk full as one user error
     # 7: a trained run -> a release
