@@ -84,6 +84,31 @@ class RunFacts(BaseModel):
         return RopePlan.from_dict(self.rope)
 
 
+# On --resume these training fields may change and take effect (how long, how often it saves
+# or logs, memory savers that do not change the numbers); every other setting is the run's.
+RESUME_MAY_CHANGE = frozenset({
+    "max_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "report_to",
+    "save_on_each_node", "gradient_checkpointing", "offload_checkpoints"})
+_RESUME_FIXED_SECTIONS = ("model", "rope", "lora", "data")
+
+
+def _fixed_on_resume(field: str) -> bool:
+    section, _, name = field.partition(".")
+    return section in _RESUME_FIXED_SECTIONS or (
+        section == "training" and name.split(".")[0] not in RESUME_MAY_CHANGE)
+
+
+def _changed_fields(before: Any, after: Any, path: str = "") -> list[str]:
+    """Dotted paths whose values differ, each with both values ("training.lr: 1e-3 -> 2e-3")."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        found = []
+        for key in sorted(set(before) | set(after)):
+            found += _changed_fields(before.get(key), after.get(key),
+                                     f"{path}.{key}" if path else str(key))
+        return found
+    return [] if before == after else [f"{path}: {before!r} in the run, {after!r} now"]
+
+
 class RunDir:
     """Paths and small readers/writers for one run directory."""
 
@@ -205,11 +230,16 @@ class RunDir:
             raise PiLoraError(f"{self.path} is not a pi-lora run (no {RECIPE_FILE})",
                               field="output_dir", fix="point --resume at a run directory")
         before = load_recipe(self.recipe_path)
-        keys = ("model", "rope", "lora", "data")
-        changed = [k for k in keys if getattr(before, k) != getattr(recipe, k)]
+        changed = [change for change in _changed_fields(before.model_dump(mode="json"),
+                                                        recipe.model_dump(mode="json"))
+                   if _fixed_on_resume(change.split(":")[0])]
         if changed:
-            raise PiLoraError(f"the recipe's {changed} differ from the run being resumed",
-                              field=changed[0], fix="resume with the same recipe, or start anew")
+            shown = "; ".join(changed[:5])
+            raise PiLoraError(
+                f"resuming with settings that differ from the run: {shown}", field=changed[0]
+                .split(":")[0], fix="resume with the run's values (its recipe.yaml), or start a "
+                "new run; on resume only training." + ", training.".join(
+                    sorted(RESUME_MAY_CHANGE)) + " may change")
 
     def latest_checkpoint(self) -> Path | None:
         def step(p: Path) -> int:

@@ -244,3 +244,17 @@ def test_two_runs_in_one_process_log_to_their_own_tensorboard(tiny_models, write
         train(load_recipe(path))
     for name in ("a", "b"):
         assert list((tmp_path / name / "tensorboard").glob("events.out.tfevents.*")), name
+
+
+def test_resume_refuses_changed_settings_and_applies_allowed_ones(tiny_models, write_recipe,
+                                                                   tmp_path: Path) -> None:
+    path = write_recipe(tiny_models("llama"), training={"max_steps": 2, "save_steps": 2})
+    train(load_recipe(path))
+    with pytest.raises(PiLoraError, match=r"training\.learning_rate: 0\.003 in the run") as err:
+        train(load_recipe(path, ["training.learning_rate=0.01", "training.max_steps=4"]),
+              resume=True)
+    assert err.value.field == "training.learning_rate"
+    with pytest.raises(PiLoraError, match=r"lora\.r"):
+        train(load_recipe(path, ["lora.r=8"]), resume=True)
+    run = train(load_recipe(path, ["training.max_steps=3"]), resume=True)  # may change: applied
+    assert RunDir(run).read_facts().steps == 3
