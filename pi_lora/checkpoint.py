@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,23 +248,17 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _header(path: Path) -> Iterator[TensorInfo]:
-    """Names, shapes and dtypes from a shard's JSON header, without touching the data."""
+def _header(path: Path) -> list[TensorInfo]:
+    """Names, shapes and dtypes from a shard's header (safetensors reads it; no data)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size < 100 * 2**20:
-                raise ValueError(f"header length {size}")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError) as exc:
+        with safe_open(str(path), framework="pt") as f:
+            slices = [(name, f.get_slice(name)) for name in f.keys()]  # noqa: SIM118
+            return [TensorInfo(name, tuple(piece.get_shape()), _DTYPES[piece.get_dtype()])
+                    for name, piece in slices]
+    except (SafetensorError, OSError, KeyError, RuntimeError) as exc:
         raise _corrupt(path, exc) from None
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise _corrupt(path, ValueError(f"{name}: dtype {entry.get('dtype')}"))
-        yield TensorInfo(name, tuple(entry["shape"]), dtype)
 
 
 def _corrupt(path: Path, exc: BaseException) -> PiLoraError:

@@ -29,6 +29,7 @@ from pi_lora.checkpoint import empty_model, open_base_weights
 from pi_lora.dtypes import TORCH_DTYPES
 from pi_lora.errors import PiLoraError
 from pi_lora.fold import (
+    Adapter,
     BaseTensors,
     fold_release,
     plan_shards,
@@ -117,9 +118,11 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
     try:
         with signals_raise():
             tmp.mkdir(parents=True)
-            stats = _fold(tmp, run, recipe, facts, release_dtype, on_device, max_shard_bytes)
+            inputs = open_inputs(run, recipe, facts.rope_plan)
+            stats = _fold(tmp, inputs, run, recipe, facts, release_dtype, on_device,
+                          max_shard_bytes)
             report = verify_release(run, tmp, verify=mode, probe_tokens=probe_tokens,
-                                    dtype=release_dtype, device=device)
+                                    dtype=release_dtype, device=device, inputs=inputs)
             report.release_dir = str(out)
             report.seconds = time.time() - started
             report.shards, report.largest_shard_bytes = stats.shards, stats.largest_shard_bytes
@@ -164,26 +167,34 @@ def reference_config(recipe: Recipe, plan: RopePlan) -> Any:
     return config
 
 
-def _base_tensors(run: RunDir, recipe: Recipe, skeleton: Any) -> BaseTensors:
-    weights = open_base_weights(recipe.model, skeleton)
-    base = BaseTensors(weights, load_extras(run.extras_path))
-    if recipe.model.quantization is not None:
-        base.requantize, base.quantized = requantizer(recipe.model, skeleton)
-    return base
+@dataclass
+class MergeInputs:
+    """What the fold and the layer check both read, opened once: the base config as trained,
+    its meta-device skeleton, the base weights (with the extras) and the adapter."""
+
+    config: Any
+    skeleton: Any
+    base: BaseTensors
+    adapter: Adapter
 
 
-def _fold(tmp: Path, run: RunDir, recipe: Recipe, facts: RunFacts, release_dtype: DType,
-          device: torch.device, max_shard_bytes: int) -> Any:
-    plan = facts.rope_plan
+def open_inputs(run: RunDir, recipe: Recipe, plan: RopePlan) -> MergeInputs:
     config = reference_config(recipe, plan)
     skeleton = empty_model(config)
-    base = _base_tensors(run, recipe, skeleton)
+    base = BaseTensors(open_base_weights(recipe.model, skeleton), load_extras(run.extras_path))
+    if recipe.model.quantization is not None:
+        base.requantize, base.quantized = requantizer(recipe.model, skeleton)
+    return MergeInputs(config, skeleton, base, read_adapter(run.adapter_dir))
+
+
+def _fold(tmp: Path, inputs: MergeInputs, run: RunDir, recipe: Recipe, facts: RunFacts,
+          release_dtype: DType, device: torch.device, max_shard_bytes: int) -> Any:
     out_dtype = TORCH_DTYPES[release_dtype]
-    shards = plan_shards(base.weights.groups(), release_tensor_names(skeleton), out_dtype,
-                         max_shard_bytes)
-    stats = fold_release(tmp, base, read_adapter(run.adapter_dir), shards, out_dtype, device)
-    _write_release_files(tmp, config, type(skeleton).__name__, recipe, plan, facts,
-                         release_dtype, run)
+    shards = plan_shards(inputs.base.weights.groups(), release_tensor_names(inputs.skeleton),
+                         out_dtype, max_shard_bytes)
+    stats = fold_release(tmp, inputs.base, inputs.adapter, shards, out_dtype, device)
+    _write_release_files(tmp, inputs.config, type(inputs.skeleton).__name__, recipe,
+                         facts.rope_plan, facts, release_dtype, run)
     return stats
 
 
@@ -246,22 +257,23 @@ def _mirror_legacy_rope_scaling(config_path: Path, plan: RopePlan) -> None:
 
 def verify_release(run_path: str | Path | RunDir, release_dir: str | Path, *,
                    verify: Literal["full", "layers"] = "layers", probe_tokens: int | None = None,
-                   dtype: DType | None = None, device: str = "cpu") -> MergeReport:
-    """Compare a release with the run's base + adapter; raise when they disagree."""
+                   dtype: DType | None = None, device: str = "cpu",
+                   inputs: MergeInputs | None = None) -> MergeReport:
+    """Compare a release with the run's base + adapter; raise when they disagree.
+
+    `inputs`: the base and adapter the merge already opened (opened here when not given)."""
     started = time.time()
     run = run_path if isinstance(run_path, RunDir) else RunDir(run_path)
     recipe, facts = run.load_recipe(), run.read_facts()
     plan = facts.rope_plan
     release_dtype: DType = dtype or recipe.model.dtype
     release = Path(release_dir)
-    config = reference_config(recipe, plan)
+    config = inputs.config if inputs is not None else reference_config(recipe, plan)
     probe = _probe_ids(config.vocab_size, plan, probe_tokens)
     quantized: Comparison | None = None
     if verify == "layers":
-        skeleton = empty_model(config)
-        base = _base_tensors(run, recipe, skeleton)
-        del skeleton
-        comparison = verify_layers(config, release, base, read_adapter(run.adapter_dir), probe,
+        inputs = inputs or open_inputs(run, recipe, plan)
+        comparison = verify_layers(config, release, inputs.base, inputs.adapter, probe,
                                    resolve_device(device))
     else:
         comparison, quantized = _verify_full(run, release, probe, recipe.model.quantization

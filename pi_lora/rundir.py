@@ -304,7 +304,13 @@ class RunDir:
                               f"{state}{resume})", field="RUN_DIR",
                               fix="let `pi-lora train` finish" if busy
                               else "resume it with `pi-lora train --resume`")
-        needed = [self.adapter_dir / "adapter_config.json"]
+        weights = self.adapter_dir / "adapter_model.safetensors"
+        if not weights.is_file() and (self.adapter_dir / "adapter_model.bin").is_file():
+            raise PiLoraError(f"{weights} is missing: only a pickled adapter_model.bin is there, "
+                              "and pi-lora never unpickles files it is handed", field="RUN_DIR",
+                              fix="save the adapter as safetensors (peft's default) or resume "
+                                  "the run so it saves it again")
+        needed = [self.adapter_dir / "adapter_config.json", weights]
         needed += [self.extras_path] if facts.extras else []
         for path in needed:
             if not path.is_file():

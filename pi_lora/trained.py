@@ -22,7 +22,6 @@ def load_trained(run: RunDir, dtype: DType | None = None, *, dequantize: bool = 
     from peft import PeftModel
 
     run.check_complete()
-    check_adapter_files(run)
     recipe = run.load_recipe()
     plan = run.read_facts().rope_plan
     work_dtype: DType = dtype or recipe.model.dtype
@@ -35,21 +34,6 @@ def load_trained(run: RunDir, dtype: DType | None = None, *, dequantize: bool = 
     model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     model.eval()
     return model
-
-
-def check_adapter_files(run: RunDir) -> None:
-    """The adapter must be safetensors: a pickled adapter_model.bin is never loaded."""
-    from pi_lora.errors import PiLoraError
-
-    weights = run.adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        pickled = (run.adapter_dir / "adapter_model.bin").is_file()
-        raise PiLoraError(
-            f"{weights} is missing" + (": only a pickled adapter_model.bin is there, and "
-                                       "pi-lora never unpickles files it is handed" if pickled
-                                       else ""),
-            field="RUN_DIR", fix="save the adapter as safetensors (peft's default) or resume "
-                                 "the run so it saves it again")
 
 
 def dequantized_base(recipe: Recipe, plan: RopePlan, dtype: DType) -> Any:
