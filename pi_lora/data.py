@@ -27,6 +27,7 @@ from pi_lora import packing, records
 from pi_lora.digest import cache_root, file_sha256
 from pi_lora.errors import PiLoraError
 from pi_lora.packing import ConversationCounts
+from pi_lora.pose import PoseSkips
 from pi_lora.recipe import DataSection
 
 IGNORE_INDEX = -100
@@ -316,24 +317,31 @@ class PackedCollator:
     from the previous conversation). No attention mask is needed: with causal attention,
     pads at the end are never seen by real tokens, and their labels are ignored. Position
     ids (chat packs) restart per conversation and continue the last one over the pads, so
-    transformers' packed-sequence detection stays intact.
+    transformers' packed-sequence detection stays intact. With PoSE (pretrain rows) position
+    ids skip ahead and an attention mask is added, which turns that detection off (pose.py).
     """
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, pose: PoseSkips | None = None) -> None:
         self.pad_token_id = pad_token_id
+        self.pose = pose
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(r[packing.TOKENS]) for r in rows)
         packed = packing.LENGTHS in rows[0]
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long) if packed else None
+        positions = torch.zeros((len(rows), width), dtype=torch.long) \
+            if packed or self.pose else None
+        attention = torch.zeros((len(rows), width), dtype=torch.long) if self.pose else None
         for i, row in enumerate(rows):
             tokens = torch.tensor(row[packing.TOKENS], dtype=torch.long)
             n = len(tokens)
             ids[i, :n] = tokens
             if not packed:
                 labels[i, :n] = tokens
+                if self.pose is not None:
+                    positions[i, :n] = self.pose.positions(tokens)
+                    attention[i, :n] = 1
                 continue
             mask = torch.tensor(row[packing.MASK], dtype=torch.bool)
             labels[i, :n] = torch.where(mask, tokens, IGNORE_INDEX)
@@ -346,4 +354,6 @@ class PackedCollator:
         batch = {"input_ids": ids, "labels": labels}
         if positions is not None:
             batch["position_ids"] = positions
+        if attention is not None:
+            batch["attention_mask"] = attention
         return batch

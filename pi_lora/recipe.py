@@ -280,6 +280,31 @@ def _s2_checks(training: Any, model: Any, data: Any) -> list[PiLoraError]:
     return errors
 
 
+def _pose_checks(data: DataSection, rope: RopeSection | None,
+                 seq_len: int | None) -> list[PiLoraError]:
+    """PoSE skips positions over the gap between the row and the target window: with no gap
+    it would do nothing, and packed conversations already use position ids for boundaries."""
+    if data.pose is None:
+        return []
+    errors = []
+    if rope is not None and seq_len is not None and seq_len >= rope.target_context:
+        errors.append(PiLoraError(
+            f"PoSE trains rows shorter than the target window, but the rows are {seq_len} "
+            f"tokens and rope.target_context is {rope.target_context}", field="data.pose",
+            fix="set data.seq_len below the target (the paper trains 2k rows for 16k-128k), "
+                "or drop data.pose"))
+    if data.format != "pretrain":
+        errors.append(PiLoraError(
+            f"PoSE skips positions inside one text; {data.format} data packs conversations "
+            "whose position ids mark where each one starts", field="data.pose",
+            fix="use data.format: pretrain with PoSE, or drop data.pose"))
+    if seq_len is not None and data.pose.chunks > seq_len:
+        errors.append(PiLoraError(
+            f"{data.pose.chunks} pieces do not fit rows of {seq_len} tokens",
+            field="data.pose.chunks", fix="use 2 (the paper's setting)"))
+    return errors
+
+
 def _data_checks(data: DataSection, rope: RopeSection | None) -> list[PiLoraError]:
     errors = []
     if rope is not None and data.seq_len and data.seq_len > rope.target_context:
@@ -291,6 +316,7 @@ def _data_checks(data: DataSection, rope: RopeSection | None) -> list[PiLoraErro
         errors.append(PiLoraError(
             "must be shorter than the training length", field="data.short_mix.seq_len",
             fix=f"use a length below {seq_len}"))
+    errors += _pose_checks(data, rope, seq_len)
     if data.streaming and data.short_mix:
         errors.append(PiLoraError(
             "short_mix chooses blocks to cut among all of them, which a stream does not have",

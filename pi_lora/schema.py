@@ -119,6 +119,14 @@ class LengthMix(_Section):
     fraction: float = Field(gt=0.0, lt=1.0)
 
 
+class PoseOptions(_Section):
+    """PoSE: positions skip ahead inside each training row, so a short row teaches the
+    whole target window (Zhu et al. 2024); needs data.seq_len below rope.target_context."""
+
+    chunks: Annotated[int, Field(ge=1, le=64)] = Field(
+        2, description="pieces per row; the paper uses 2")
+
+
 class InstructionFields(_Section):
     """Columns of alpaca-style instruction data (LongAlpaca ships this way)."""
 
@@ -143,6 +151,9 @@ class DataSection(_Section):
                            "the fly, nothing cached (data too large to download or copy)")
     seq_len: Tokens | None = Field(None, description="defaults to rope.target_context")
     short_mix: LengthMix | None = None
+    pose: PoseOptions | None = Field(
+        None, description="positional skip-wise training: rows of seq_len, positions up to "
+                          "rope.target_context (pretrain text)")
     max_tokens: TokenBudget | None = Field(None, description="stop reading after this many")
     validation_sequences: NonNegativeCount = Field(
         0, description="sequences held out of training; their loss is logged every eval_steps")
@@ -215,7 +226,11 @@ class Recipe(_Section):
         return self.data.seq_len or self.rope.target_context
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """Every setting, as a file that loads back to the same recipe (the run's copy)."""
+        dumped = self.model_dump(mode="json")
+        if self.training.global_batch_size is not None:  # accumulation follows from it
+            del dumped["training"]["gradient_accumulation_steps"]
+        return yaml.safe_dump(dumped, sort_keys=False)
 
     def with_absolute_paths(self) -> Recipe:
         """Local paths made absolute (hub ids and shipped names left alone), so the copy a

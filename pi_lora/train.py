@@ -34,6 +34,7 @@ from pi_lora.model import (
     wrap_lora,
 )
 from pi_lora.outcome import describe_failure, disk_full_error, is_disk_full, record_failure
+from pi_lora.pose import pose_skips
 from pi_lora.provenance import IdentityJob, software
 from pi_lora.recipe import DataSection, Recipe
 from pi_lora.rope import RopePlan, plan_rope
@@ -172,6 +173,9 @@ def _announce(recipe: Recipe, plan: RopePlan, built: BuiltData, trainable: int, 
               facts: RunFacts) -> None:
     mix = recipe.data.short_mix
     lengths = f"{recipe.seq_len}" + (f" ({mix.fraction:.0%} cut to {mix.seq_len})" if mix else "")
+    if recipe.data.pose:
+        lengths += (f" with PoSE positions up to {plan.target_context} "
+                    f"({recipe.data.pose.chunks} pieces per row)")
     print(f"pi-lora: {recipe.model.name} {plan.method} x{plan.factor:g} "
           f"({plan.original_context} -> {plan.target_context}), "
           f"{built.sequences if built.sequences is not None else 'a stream of'} sequences "
@@ -248,7 +252,7 @@ def _build_trainer(recipe: Recipe, run: RunDir, args: Any, model: Any, tokenizer
     chunked, _ = loss_route(model, t.chunked_loss)
     trainer = trainer_class()(
         model=model, args=args, train_dataset=built.train, eval_dataset=built.validation,
-        data_collator=PackedCollator(tokenizer.pad_token_id),
+        data_collator=PackedCollator(tokenizer.pad_token_id, pose_skips(recipe)),
         callbacks=[progress_callback(run, tokens_per_step, _is_main())],
         chunk_tokens=t.loss_chunk_tokens if chunked else None,
         offload_checkpoints=t.offload_checkpoints,

@@ -53,7 +53,10 @@ def validate_recipe(recipe: Recipe) -> str:
         lines.append(_window_line(recipe, config))
         trainable, total = count_trainable(recipe, config)
         lines.append(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.3%})")
-    lines.append(f"training sequence length: {recipe.seq_len}")
+    pose = recipe.data.pose
+    lines.append(f"training sequence length: {recipe.seq_len}" + (
+        f" (PoSE: positions up to {recipe.rope.target_context}, {pose.chunks} pieces per row)"
+        if pose else ""))
     lines.append(_describe_data(recipe, unchecked))
     if recipe.training.deepspeed:
         lines.append(f"deepspeed config: {resolve_deepspeed_config(recipe.training.deepspeed)}")

@@ -68,13 +68,17 @@ def test_base_config_has_the_short_window(tokenizer):
 
 @pytest.mark.parametrize(
     ("stem", "method"),
-    [("linear", "linear"), ("yarn", "yarn"), ("direct", "none"), ("linear-short-mix", "linear")],
+    [("linear", "linear"), ("yarn", "yarn"), ("direct", "none"), ("linear-short-mix", "linear"),
+     ("linear-pose", "linear"), ("yarn-pose", "yarn"), ("direct-pose", "none")],
 )
 def test_demo_recipes_validate(stem, method):
     recipe = load_recipe(RECIPES / f"{stem}.yaml")
     assert recipe.rope.method == method
     assert recipe.rope.target_context == demo_run.TARGET_CONTEXT
     assert recipe.output_dir.endswith(stem)
+    pose = stem.endswith("-pose")
+    assert (recipe.data.pose is not None) == pose
+    assert recipe.seq_len == (demo_run.TRAINED_CONTEXT if pose else demo_run.TARGET_CONTEXT)
 
 
 def test_recipes_share_the_step_budget():

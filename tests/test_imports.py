@@ -45,6 +45,7 @@ LAYER: dict[str, int] = {
     "packing": 3,  # Arrow tokenizing and packing that data assembles
     "checkpoint": 3,  # the base's weights read tensor by tensor (safetensors shards, GGUF)
     "records": 3,  # local data files' records: checked, diagnosed, chat layouts mapped
+    "pose": 3,  # PoSE position ids: short rows that teach the whole target window
     # 4: training machinery and the record of what went in
     "loss": 4,
     "attention": 4,

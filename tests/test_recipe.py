@@ -150,6 +150,10 @@ def test_global_batch_follows_the_process_count(tmp_path: Path,
     with pytest.raises(RecipeErrors) as errors:
         load_recipe(_write(tmp_path, both))
     assert [e.field for e in errors.value.errors] == ["training.gradient_accumulation_steps"]
+    # the copy a run directory keeps loads back (it once wrote both and failed at train end)
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(recipe.to_yaml())
+    assert load_recipe(copy).training == training
 
 
 def test_shipped_recipes_attend_over_their_target(capsys: pytest.CaptureFixture[str]) -> None:

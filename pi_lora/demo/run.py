@@ -50,6 +50,9 @@ FINE_TUNES = (
     ("yarn", "YaRN x4, fine-tuned"),
     ("direct", "direct fine-tune at 4L (no interpolation)"),
     ("linear-short-mix", "linear PI x4 + short_mix (50% at L), fine-tuned"),
+    ("linear-pose", "linear PI x4, PoSE rows of L, fine-tuned"),
+    ("yarn-pose", "YaRN x4, PoSE rows of L, fine-tuned"),
+    ("direct-pose", "no interpolation, PoSE rows of L, fine-tuned"),
 )
 
 
