@@ -18,6 +18,7 @@ from pi_lora.recipe import ModelSection, Recipe
 from pi_lora.release import MERGE_REPORT_FILE, PROVENANCE_FILE, RELEASE_RECIPE_FILE
 from pi_lora.rope import RopePlan
 from pi_lora.rundir import RunFacts
+from pi_lora.serving import serving_warnings
 
 _SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
 
@@ -68,10 +69,7 @@ def serving_notes(plan: RopePlan, release: str = "<this directory>") -> str:
         f"- llama.cpp: convert with `convert_hf_to_gguf.py {release}` (the rope scaling goes into "
         f"the GGUF metadata) and run with `-c {target}`.",
     ]
-    if plan.method == "dynamic":
-        lines.append("- **dynamic NTK does not survive every stack**: vLLM produced NaN past the "
-                     "original window and GGUF drops the scaling; prefer yarn or linear for "
-                     "serving.")
+    lines += [f"- **{warning}**." for warning in serving_warnings(plan.method)]
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from pi_lora.known_models import config_for_planning
 from pi_lora.model import apply_sliding_window, attention_window, count_parameters, wrap_lora
 from pi_lora.recipe import Recipe, RopeSection, resolve_deepspeed_config
 from pi_lora.rope import plan_rope
+from pi_lora.serving import serving_warnings
 
 
 def count_trainable(recipe: Recipe, config: Any) -> tuple[int, int]:
@@ -47,6 +48,7 @@ def validate_recipe(recipe: Recipe) -> str:
             f"rope_parameters: {json.dumps(plan.rope_parameters)}",
             f"max_position_embeddings: {plan.max_position_embeddings}",
             *[f"note: {n}" for n in plan.notes],
+            *[f"warning: {w}" for w in serving_warnings(plan.method)],
         ]
         if plan.existing:
             lines.append(f"existing scaling: {plan.existing}")

@@ -37,6 +37,7 @@ LAYER: dict[str, int] = {
     "dtypes": 2,
     "rope": 2,
     "longrope_factors": 2,  # LongRoPE per-frequency factors: curves, checks, search operators
+    "serving": 2,  # what vLLM / GGUF make of a release config: default window, lost methods
     # 3: loading the model and the data
     "model": 3,
     "known_models": 3,  # offline configs of the models shipped recipes name

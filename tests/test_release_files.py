@@ -108,6 +108,52 @@ def test_dynamic_ntk_gets_a_serving_warning() -> None:
     assert "does not survive" not in serving_notes(linear)
 
 
+def test_vllm_defaults_a_release_to_its_trained_window(released) -> None:
+    """vLLM multiplies its length key by the rope factor (linear): unpinned, this x2 release
+    would default to 512 tokens. transformers and llama.cpp read max_position_embeddings."""
+    import json
+
+    from transformers import AutoConfig
+
+    from pi_lora.serving import VLLM_PIN_KEY, vllm_default_window
+
+    _, release = released
+    config = json.loads((release / "config.json").read_text())
+    assert config["max_position_embeddings"] == 256 and config[VLLM_PIN_KEY] == 128
+    assert vllm_default_window(config) == 256
+    unpinned = {k: v for k, v in config.items() if k != VLLM_PIN_KEY}
+    assert vllm_default_window(unpinned) == 512
+    assert AutoConfig.from_pretrained(release).max_position_embeddings == 256
+
+
+def test_validate_warns_about_methods_serving_loses(tiny_models, write_recipe,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from pi_lora.cli import main
+
+    for method, warned in (("dynamic", True), ("yarn", False)):
+        path = write_recipe(tiny_models("llama"), rope={"method": method, "target_context": 256})
+        assert main(["validate", str(path)]) == 0
+        assert ("warning: dynamic NTK does not survive" in capsys.readouterr().out) == warned
+
+
+@pytest.mark.parametrize(("method", "params", "max_pos", "pinned"), [
+    ("linear", {"rope_type": "linear", "factor": 4.0}, 16384, True),
+    ("dynamic", {"rope_type": "dynamic", "factor": 4.0}, 4096, False),  # already 4096 x 4
+    ("yarn", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+     16384, False),
+    ("llama3", {"rope_type": "llama3", "factor": 4.0}, 16384, False),  # vLLM does not scale
+])
+def test_vllm_window_rule_per_method(method: str, params: dict, max_pos: int,
+                                     pinned: bool) -> None:
+    from pi_lora.serving import VLLM_PIN_KEY, pin_vllm_window, vllm_default_window
+
+    plan = RopePlan(method, 4096, "config", 16384, 4.0, 10000.0, 128, params, max_pos)
+    config = {"max_position_embeddings": max_pos, "rope_scaling": {**params, "type": method}}
+    out = pin_vllm_window(config, plan)
+    assert vllm_default_window(out) == 16384
+    assert (VLLM_PIN_KEY in out) == pinned
+
+
 def test_a_pickled_adapter_is_refused_by_merge_and_eval(released, tmp_path: Path) -> None:
     import shutil
 
