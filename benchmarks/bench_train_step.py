@@ -146,6 +146,20 @@ def run_worker(args: argparse.Namespace) -> StepResult:
     return _result(args, model, device, seconds, load_peak, loss)
 
 
+def worker_record(args: argparse.Namespace) -> dict:
+    """The worker's result. Under --mem-limit-gb a CUDA out-of-memory is an answer (the step
+    does not fit: over_limit), not a crash, so --max-context on a GPU stops where it should."""
+    import torch
+
+    try:
+        return asdict(run_worker(args))
+    except torch.cuda.OutOfMemoryError:
+        if args.mem_limit_gb is None:
+            raise
+        return {"status": "over_limit", "setting": args.setting, "seq_len": args.seq_len,
+                "peak_bytes": harness.peak_bytes("cuda")}
+
+
 def prepare_model(
     name: str,
     setting: str,
@@ -528,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
         convert_smollm2(args.cache_dir)
         return
     if args.worker:
-        harness.print_result(asdict(run_worker(args)))
+        harness.print_result(worker_record(args))
         return
     _prepare_cache(args)
     lengths = [int(text) for text in args.lengths.split(",") if text]
