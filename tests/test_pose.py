@@ -153,3 +153,17 @@ def test_pose_training_runs_sees_long_positions_and_plans_at_seq_len(
     import json
     losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+def test_the_smollm2_evidence_rows_are_valid_pose_recipes() -> None:
+    """`make evidence-smollm2`'s three fine-tunes: one recipe, rope method overridden."""
+    from pi_lora.demo import smollm2
+
+    for _, _, extra in smollm2.FINE_TUNES:
+        overrides = [extra[i + 1] for i in range(0, len(extra), 2)]
+        recipe = load_recipe(smollm2.RECIPE, overrides)
+        assert recipe.seq_len == 2048 and recipe.data.pose.chunks == 2
+        assert recipe.rope.target_context == smollm2.TARGET == 16384
+        assert recipe.training.global_batch(1) == 1
+    assert {load_recipe(smollm2.RECIPE, [e[1]] if e else []).rope.method
+            for _, _, e in smollm2.FINE_TUNES} == {"linear", "yarn", "none"}
