@@ -108,6 +108,23 @@ def check_launch(recipe: Recipe, config: Any, world: int) -> None:
     _check_zero3_reduction(load_deepspeed_config(path))
 
 
+def sequence_parallel_sizes(training: TrainingSection, seq_len: int, heads: int, kv_heads: int,
+                            world: int) -> list[int]:
+    """Every N > 1 this launch and model allow: N divides the processes, the heads (the KV
+    heads divide N or N them), the row length, and the accumulation it leads to."""
+    sizes = []
+    for n in _divisors(heads, kv_heads)[1:]:
+        if world % n or seq_len % n:
+            continue
+        sized = training.model_copy(update={"sequence_parallel": n})
+        try:
+            check_accumulation(sized, world)
+        except PiLoraError:
+            continue
+        sizes.append(n)
+    return sizes
+
+
 def _divisors(heads: int, kv_heads: int) -> list[int]:
     return [n for n in range(1, heads + 1)
             if heads % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)]
