@@ -4,8 +4,9 @@ The reference is one process without DeepSpeed on the same tokens (global batch 
 accumulation). A 2-way sequence-parallel run (ZeRO-3, chunked loss, LoRA + embeddings and norms,
 gradient checkpointing) trains 3 steps, is resumed to 6, and must log the reference's losses
 (relative 1e-5) and save its adapter and extras (max |difference| 1e-5); measured: losses equal
-to ~1e-7 relative, tensors to ~3e-7. A ZeRO-2 run with PoSE positions and the plain loss must
-do the same for 3 steps. The recipe checks run without processes.
+to ~1e-7 relative, tensors to ~3e-7. Four processes in two sequence-parallel groups (ZeRO-2,
+PoSE positions, the plain loss) must do the same for 3 steps. The recipe checks run without
+processes.
 """
 
 from __future__ import annotations
@@ -58,15 +59,15 @@ def recipes(tmp_path_factory: pytest.TempPathFactory, tiny_models: Any, corpus: 
     return write
 
 
-def _launch(*args: str) -> None:
-    """`pi-lora train ARGS --nproc 2` in a fresh environment, one thread per process."""
+def _launch(*args: str, nproc: int = 2) -> None:
+    """`pi-lora train ARGS --nproc N` in a fresh environment, one thread per process."""
     drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
             "MASTER_PORT", "PI_LORA_LAUNCHED", "ACCELERATE_USE_DEEPSPEED")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pi_lora.cli", "train", *args, "--nproc", "2",
+        [sys.executable, "-m", "pi_lora.cli", "train", *args, "--nproc", str(nproc),
          "--master-port", str(free_port())],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, check=False)
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}"
@@ -118,20 +119,21 @@ def test_two_way_zero3_run_resumed_equals_one_process(recipes: Any, deepspeed_op
     assert diff < TENSOR_ATOL
 
 
-def test_two_way_zero2_pose_plain_loss_equals_one_process(recipes: Any,
-                                                          deepspeed_ops: None) -> None:
-    """PoSE rows (positions that skip, an attention mask) and the model's own loss on the
-    slices' shifted labels; sdpa gets no mask under Ulysses and runs causal, as PoSE's
-    all-ones mask does."""
+def test_two_groups_zero2_pose_plain_loss_equal_one_process(recipes: Any,
+                                                            deepspeed_ops: None) -> None:
+    """4 processes in 2 groups of 2 (one row per process per load), ZeRO-2, PoSE rows
+    (positions that skip, an attention mask) and the model's own loss on the slices' shifted
+    labels; sdpa gets no mask under Ulysses and runs causal, as PoSE's all-ones mask does."""
     pose = {"data": {"seq_len": 128, "pose": {"chunks": 2}},
             "training": {"max_steps": SAVE_STEPS, "chunked_loss": False}}
     reference = _train_here(recipes("pose_single", **pose))
     path = recipes("pose_sp", **deep_merge(pose, {"training": {
-        "deepspeed": "zero2", "sequence_parallel": 2}}))
-    _launch(str(path))
+        "deepspeed": "zero2", "sequence_parallel": 2, "per_device_batch_size": 1}}))
+    _launch(str(path), nproc=4)
     run = Path(load_recipe(path).output_dir)
     diff = _max_difference(run, reference)
-    print(f"SP x2 ZeRO-2 PoSE plain loss vs one process: max |adapter/extras diff| {diff:.3g}")
+    print(f"SP 2 groups x2 ZeRO-2 PoSE plain loss vs one process: losses {_losses(run)} vs "
+          f"{_losses(reference)}; max |adapter/extras diff| {diff:.3g}")
     assert _losses(run) == pytest.approx(_losses(reference), rel=LOSS_RTOL)
     assert diff < TENSOR_ATOL
 

@@ -235,8 +235,9 @@ def plan_memory(shape: ModelShape, setup: Setup, device: Device) -> MemoryPlan:
                   *_trainable_terms(shape, setup)]
     per_layer = layer_activation_bytes_per_token(shape, setup) * tokens
     if setup.checkpointing:
+        sliced = "T" if setup.sequence_parallel == 1 else f"T/{setup.sequence_parallel}"
         stored = Term("checkpointed layer inputs", checkpoint_bytes(shape, setup),
-                      f"L x B x T x D x {e} bytes")
+                      f"L x B x {sliced} x D x {e} bytes")
         if setup.offload_checkpoints:  # one layer's input is back on the device at a time
             stored = Term("checkpointed layer inputs (offloaded)", tokens * shape.hidden * e,
                           f"host keeps L x B x T x D x {e}; one layer's copy on the device")
