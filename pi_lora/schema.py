@@ -196,6 +196,9 @@ class TrainingSection(_Section):
     sequence_parallel: Annotated[int, Field(ge=1, le=1024)] = Field(
         1, description="processes that share one sequence (DeepSpeed Ulysses): each holds "
                        "1/N of its tokens; needs training.deepspeed, heads divisible by N")
+    tiled_mlp: bool = Field(
+        False, description="ALST's tiled MLP: each layer's MLP runs over row tiles of about "
+                           "hidden-size tokens and is recomputed in backward (no [T, F] saved)")
 
 
     def accumulation_steps(self, processes: int) -> int:

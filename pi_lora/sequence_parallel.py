@@ -306,3 +306,62 @@ def _restart(adapter: Any, epoch: int, loads_done: int) -> None:
     adapter.dl = skip_first_batches(loader, loads_done) if loads_done else loader
     adapter.iter = iter(adapter.dl)
     adapter.micro_batches.clear()
+
+
+# --------------------------------------------------------------------------- tiled MLP
+
+
+def enable_tiled_mlp(model: Any, training: TrainingSection) -> int:
+    """ALST's tiled MLP (DeepSpeed `TiledMLP`) in every decoder layer; returns the layers.
+
+    The MLP is per token, so running it over tiles of rows changes no value; its [T, F]
+    intermediates are never saved (backward recomputes one tile at a time), which at 100k+
+    tokens is the largest activation of a layer. ZeRO-3's gradient reduction waits for the
+    last tile (`ds_grad_is_ready`); ZeRO-1/2 and DDP would reduce a trained MLP parameter once
+    per tile, so that case is refused, as is dropout inside the MLP (the recomputed tile would
+    draw another mask).
+    """
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    path = resolve_deepspeed_config(training.deepspeed) if training.deepspeed else None
+    sharded_gradients = path is not None and zero_stage(load_deepspeed_config(path)) == 3
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = base.get_decoder().layers
+    for layer in layers:
+        _check_tileable(layer.mlp, sharded_gradients)
+        layer.mlp.forward = _tiled_forward(layer.mlp, TiledMLP)
+    return len(layers)
+
+
+def _check_tileable(mlp: torch.nn.Module, sharded_gradients: bool) -> None:
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in mlp.modules()):
+        raise PiLoraError("LoRA dropout inside the MLP: a tile recomputed in backward would "
+                          "draw another mask", field="lora.dropout",
+                          fix="set lora.dropout: 0, or drop training.tiled_mlp")
+    trains = any(p.requires_grad for p in mlp.parameters())
+    if trains and not sharded_gradients and _processes() > 1:
+        raise PiLoraError("the MLP trains (LoRA on its projections), and only ZeRO-3 reduces "
+                          "a tiled MLP's gradients once per step", field="training.tiled_mlp",
+                          fix="use training.deepspeed: zero3, or LoRA on attention only")
+
+
+def _processes() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _tiled_forward(mlp: torch.nn.Module, tiled: Any) -> Any:
+    original = mlp.forward
+    params = list(mlp.parameters())
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # x: [B, T, D]
+        tiles = torch.tensor(max(1, -(-x.shape[-2] // x.shape[-1])), device=x.device)
+        if _processes() > 1:  # ZeRO-3 gathers weights per tile call: every rank the same count
+            import torch.distributed as dist
+
+            dist.all_reduce(tiles, op=dist.ReduceOp.MAX)
+        return tiled.apply(lambda _, tile: original(tile), mlp, x, int(tiles.item()), params)
+
+    return forward
+

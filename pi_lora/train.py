@@ -40,7 +40,12 @@ from pi_lora.recipe import DataSection, Recipe
 from pi_lora.rope import RopePlan, plan_rope
 from pi_lora.rundir import EXTRAS_FILE, RunDir, RunFacts, RunProvenance
 from pi_lora.runlock import hold
-from pi_lora.sequence_parallel import ShardedRows, check_launch, data_parallel_size
+from pi_lora.sequence_parallel import (
+    ShardedRows,
+    check_launch,
+    data_parallel_size,
+    enable_tiled_mlp,
+)
 from pi_lora.train_args import progress_callback, training_arguments
 from pi_lora.trainer import loss_route, trainer_class
 
@@ -78,6 +83,8 @@ def build_training_model(recipe: Recipe, plan: RopePlan, device_map: Any = None)
         from pi_lora.attention import enable_s2_attention
 
         enable_s2_attention(model, recipe.training.s2_group_fraction)
+    if recipe.training.tiled_mlp:
+        enable_tiled_mlp(model, recipe.training)
     return model
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -295,3 +296,20 @@ def test_sequence_parallel_sizes_follow_the_heads() -> None:
                     gpus=8)
     assert info.value.field == "training.sequence_parallel"
     assert "[1, 2, 4, 28]" in info.value.fix  # 7 and 14 would split the 4 KV heads unevenly
+
+
+def test_tiled_mlp_saves_the_mlp_intermediates_and_recomputes_them() -> None:
+    path = REPO / "recipes/qwen2.5-7b-128k.yaml"
+    h100 = get_device("h100-80gb")
+    plain = plan_recipe(load_recipe(path), h100, gpus=8, advise=False)
+    tiled = plan_recipe(load_recipe(path, ["training.tiled_mlp=true"]), h100, gpus=8,
+                        advise=False)
+    shape, tokens = plain.shape, plain.setup.local_tokens
+    def working_set(plan: Any) -> float:
+        terms = plan.memory.moments["backward of the last layer"]
+        return next(t.bytes for t in terms if t.name == "recompute working set (1 layer)")
+
+    saved = working_set(plain) - working_set(tiled)
+    assert saved > tokens * 2 * 3 * shape.intermediate  # at least the [T, 3F] bf16 it saved
+    assert tiled.time.flops_per_token - plain.time.flops_per_token == \
+        2 * 3 * shape.hidden * shape.intermediate * shape.layers

@@ -2,7 +2,8 @@
 
 The reference is one process without DeepSpeed on the same tokens (global batch 4 = 2 rows x 2
 accumulation). A 2-way sequence-parallel run (ZeRO-3, chunked loss, LoRA + embeddings and norms,
-gradient checkpointing) trains 3 steps, is resumed to 6, and must log the reference's losses
+gradient checkpointing, ALST's tiled MLP) trains 3 steps, is resumed to 6, and must log the
+reference's losses
 (relative 1e-5) and save its adapter and extras (max |difference| 1e-5); measured: losses equal
 to ~1e-7 relative, tensors to ~3e-7. Four processes in two sequence-parallel groups (ZeRO-2,
 PoSE positions, the plain loss) must do the same for 3 steps. The recipe checks run without
@@ -106,14 +107,14 @@ def _train_here(path: Path) -> Path:
 
 def test_two_way_zero3_run_resumed_equals_one_process(recipes: Any, deepspeed_ops: None) -> None:
     reference = _train_here(recipes("single"))
-    path = recipes("sp_zero3", training=SEQUENCE_PARALLEL)
+    path = recipes("sp_zero3", training={**SEQUENCE_PARALLEL, "tiled_mlp": True})
     _launch(str(path), f"--set=training.max_steps={SAVE_STEPS}")
     run = Path(load_recipe(path).output_dir)
     assert len(_losses(run)) == SAVE_STEPS
     _launch(str(path), "--resume", f"--set=training.max_steps={STEPS}")
     losses, expected = _losses(run), _losses(reference)
     diff = _max_difference(run, reference)
-    print(f"SP x2 ZeRO-3 (resumed at {SAVE_STEPS}) vs one process: losses {losses} vs "
+    print(f"SP x2 ZeRO-3 tiled MLP (resumed at {SAVE_STEPS}) vs one process: losses {losses} vs "
           f"{expected}; max |adapter/extras diff| {diff:.3g}")
     assert losses == pytest.approx(expected, rel=LOSS_RTOL)
     assert diff < TENSOR_ATOL
@@ -251,3 +252,43 @@ def test_slice_loss_share_carries_the_right_gradient() -> None:
     share = rank_share(loss, processes=8, gradient_scale=4)
     share.backward()
     assert share.item() == pytest.approx(4.0) and loss.grad.item() == pytest.approx(4.0)
+
+
+def test_tiled_mlp_changes_no_gradient(tiny_models: Any, tmp_path: Path) -> None:
+    """LoRA on the MLP's projections too: tiles of 64 rows (4 per 256-token row) give the
+    untiled loss and gradients; dropout inside the MLP is refused (a recomputed tile would
+    draw another mask)."""
+    from transformers import AutoModelForCausalLM
+
+    from pi_lora.model import wrap_lora
+    from pi_lora.sequence_parallel import enable_tiled_mlp
+
+    recipe = _recipe(tmp_path, lora={"dropout": 0.0, "target_modules": [
+        "q_proj", "v_proj", "gate_proj", "down_proj"]}, training={"tiled_mlp": True})
+    ids = torch.randint(0, 300, (2, 256), generator=torch.Generator().manual_seed(0))
+
+    def gradients(tiled: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_models("llama")))
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        model = wrap_lora(base, recipe.lora, gradient_checkpointing=False)
+        for name, param in model.named_parameters():  # lora_B starts at 0: give it a value
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(1))
+        if tiled:
+            assert enable_tiled_mlp(model, recipe.training) == 2
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    (plain_loss, plain), (tiled_loss, tiled) = gradients(False), gradients(True)
+    assert tiled_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert any("mlp.down_proj.lora_A" in n for n in tiled)
+    for name, grad in plain.items():
+        torch.testing.assert_close(tiled[name], grad, rtol=1e-5, atol=1e-7)
+    dropout = recipe.lora.model_copy(update={"dropout": 0.1})
+    model = wrap_lora(AutoModelForCausalLM.from_pretrained(str(tiny_models("llama"))), dropout,
+                      gradient_checkpointing=False)
+    with pytest.raises(PiLoraError, match="dropout inside the MLP") as info:
+        enable_tiled_mlp(model, recipe.training)
+    assert info.value.field == "lora.dropout"
+

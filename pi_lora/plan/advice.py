@@ -62,6 +62,10 @@ def candidates(recipe: Recipe, setup: Setup, shape: ModelShape, fits: bool) -> l
         found.append(Candidate("ZeRO-3 + CPU offload", ("training.deepspeed=zero3_offload",),
                                "weights and optimizer states in host RAM; PCIe-bound",
                                _training(deepspeed="zero3_offload")))
+    if not t.tiled_mlp and not fits and setup.device_kind == "gpu":
+        found.append(Candidate("tiled MLP", ("training.tiled_mlp=true",),
+                               "MLP over row tiles, recomputed in backward: no [T, F] saved",
+                               _training(tiled_mlp=True)))
     if t.gradient_checkpointing and not t.offload_checkpoints and setup.device_kind == "gpu":
         found.append(Candidate("offload checkpoints", ("training.offload_checkpoints=true",),
                                "layer inputs in pinned host memory; PCIe copies each step",

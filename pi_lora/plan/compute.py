@@ -6,6 +6,7 @@ Executed FLOPs per token (what the GPU runs, so recompute counts):
   through (input embedding lookup excluded, lm_head included);
 - trainable (LoRA + extras): +2 N_trainable for their weight gradients;
 - checkpointing: +2 N_layers, the decoder layers' forward runs twice;
+- tiled MLP (ALST): +2 N_mlp, each MLP's forward runs again, tile by tile, in backward;
 - attention: causal, so a query sees span/2 keys on average (span = T, or the S2-Attn group):
   2 * L * H * d_head * span forward (QK^T and PV), twice that backward, +1 forward recomputed.
 The conventional "model FLOPs" 6N + 12*L*D*T per token (full fine-tune, non-causal) is
@@ -24,7 +25,8 @@ from pi_lora.plan.shape import ModelShape
 SDPA_MFU_FACTOR = 0.75  # torch sdpa's kernels vs FlashAttention-2 at long context
 QLORA_MFU_FACTOR = 0.7  # nf4 weights are dequantized before every matmul
 FORMULA = ("per token: 4N (frozen base: forward + activation gradients) + 2N_trainable "
-           "+ 2N_layers if checkpointing + (3 + ckpt) * 2*L*H*d_head*span (causal attention)")
+           "+ 2N_layers if checkpointing + 2N_mlp if tiled MLP "
+           "+ (3 + ckpt) * 2*L*H*d_head*span (causal attention)")
 
 
 @dataclass
@@ -50,6 +52,8 @@ def flops_per_token(shape: ModelShape, setup: Setup) -> float:
     layers_n = n - (shape.vocab * shape.hidden)  # the head is not recomputed
     ckpt = 1 if setup.checkpointing else 0
     linear = 4 * n + 2 * shape.trainable_params + 2 * layers_n * ckpt
+    if setup.tiled_mlp:  # TiledMLP runs each MLP's forward again in backward
+        linear += 2 * 3 * shape.hidden * shape.intermediate * shape.layers
     attention_forward = 2 * shape.layers * shape.heads * shape.head_dim * setup.attention_span
     return linear + (3 + ckpt) * attention_forward
 

@@ -146,6 +146,8 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
         norms += 2 * d * e  # the normalized input, for the norm weight's gradient
     attention = e * (2 * shape.head_dim + 2 * d + 2 * shape.kv_dim) + 4 * shape.heads
     mlp = 3 * f * e  # gate output, its activation, up output
+    if setup.tiled_mlp:  # TiledMLP saves only its input; backward recomputes tile by tile
+        mlp = d * e
     return norms + attention + mlp + _lora_bytes_per_token(shape, setup)
 
 
@@ -190,9 +192,13 @@ def _ulysses_terms(shape: ModelShape, setup: Setup) -> list[Term]:
 
 
 def layer_gradient_bytes(shape: ModelShape, setup: Setup) -> float:
-    """Gradient temporaries while one layer runs backward (MLP grads dominate)."""
-    tokens = setup.local_tokens
-    return tokens * setup.dtype_bytes * (3 * shape.intermediate + 2 * shape.hidden)
+    """Gradient temporaries while one layer runs backward (MLP grads dominate). A tiled MLP
+    holds one tile's intermediates and their gradients instead (tiles of ~D tokens per row)."""
+    tokens, e = setup.local_tokens, setup.dtype_bytes
+    if not setup.tiled_mlp:
+        return tokens * e * (3 * shape.intermediate + 2 * shape.hidden)
+    tile = min(tokens, setup.batch * shape.hidden)
+    return tokens * e * 2 * shape.hidden + tile * e * 6 * shape.intermediate
 
 
 # ----------------------------------------------------------------------------- loss

@@ -40,7 +40,7 @@ def render_table(plan: Plan) -> str:
         f"ZeRO-{s.zero_stage}{' + offload' if s.offload else ''}"
         f"{', checkpointing' if s.checkpointing else ''}"
         f"{', chunked loss' if s.chunked_loss else ', plain loss'}"
-        f"{', S2-Attn' if s.s2_attn else ''}, {s.attn}",
+        f"{', S2-Attn' if s.s2_attn else ''}{', tiled MLP' if s.tiled_mlp else ''}, {s.attn}",
         "",
         f"memory per device (peak at {m.peak_moment}):",
     ]

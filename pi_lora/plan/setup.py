@@ -39,6 +39,7 @@ class Setup:
     device_kind: str  # "gpu" or "cpu"
     gguf: bool  # weights come from a GGUF file (dequantized while loading)
     sequence_parallel: int = 1  # processes sharing each sequence (DeepSpeed Ulysses)
+    tiled_mlp: bool = False  # ALST's TiledMLP: no [T, F] intermediates saved
 
     @property
     def world(self) -> int:
@@ -87,7 +88,7 @@ def setup_from_recipe(recipe: Recipe, *, gpus: int, nodes: int, device_kind: str
         quant_bits=quant.bits if quant else None, double_quant=bool(quant and quant.double_quant),
         lora_dropout=recipe.lora.dropout, extras=tuple(recipe.lora.trainable_extras),
         device_kind=device_kind, gguf=bool(m.gguf_file or m.name.endswith(".gguf")),
-        sequence_parallel=t.sequence_parallel,
+        sequence_parallel=t.sequence_parallel, tiled_mlp=t.tiled_mlp,
     )
 
 
