@@ -13,9 +13,11 @@ shifted across the slices (`shift_labels`). What pi-lora adds:
 - rows padded to a multiple of N, with the position ids the adapter requires (`ShardedRows`);
 - an exact loss: each rank's slice loss is summed over its tokens and divided by the token
   count of the whole optimizer step over all ranks, so the gradients DeepSpeed sums are the
-  single-process gradients (`shard_loss`, `rank_share`, `SequenceParallelSteps`);
+  single-process gradients whichever ZeRO stage averages them (`shard_loss`,
+  `gradient_factor`, `rank_share`, `SequenceParallelSteps`);
 - resume: the data a checkpoint already consumed is skipped in each rank's own loader, which
-  the Trainer cannot do through the adapter (`SequenceParallelSteps._run_epoch`).
+  the Trainer cannot do through the adapter (`SequenceParallelSteps._run_epoch`);
+- ALST's tiled MLP, with or without sequence parallelism (`enable_tiled_mlp`).
 """
 
 from __future__ import annotations
@@ -321,8 +323,12 @@ def enable_tiled_mlp(model: Any, training: TrainingSection) -> int:
     per tile, so that case is refused, as is dropout inside the MLP (the recomputed tile would
     draw another mask).
     """
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
-
+    try:
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+    except ImportError:
+        raise PiLoraError("the tiled MLP is DeepSpeed's (TiledMLP), and DeepSpeed is not "
+                          "installed", field="training.tiled_mlp",
+                          fix="pip install 'pi-lora[distributed]', or drop tiled_mlp") from None
     path = resolve_deepspeed_config(training.deepspeed) if training.deepspeed else None
     sharded_gradients = path is not None and zero_stage(load_deepspeed_config(path)) == 3
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
