@@ -6,8 +6,9 @@ gradient checkpointing, ALST's tiled MLP) trains 3 steps, is resumed to 6, and m
 reference's losses
 (relative 1e-5) and save its adapter and extras (max |difference| 1e-5); measured: losses equal
 to ~1e-7 relative, tensors to ~3e-7. Four processes in two sequence-parallel groups (ZeRO-2,
-PoSE positions, the plain loss) must do the same for 3 steps. The recipe checks run without
-processes.
+PoSE positions, the plain loss) must do the same for 3 steps, and so must one ZeRO-3 process
+with accumulation 2 (the chunked loss inside DeepSpeed's forward). The recipe checks and the
+tiled MLP's gradients run without processes.
 """
 
 from __future__ import annotations
@@ -105,8 +106,13 @@ def _train_here(path: Path) -> Path:
 # --------------------------------------------------------------------------- two processes
 
 
-def test_two_way_zero3_run_resumed_equals_one_process(recipes: Any, deepspeed_ops: None) -> None:
-    reference = _train_here(recipes("single"))
+@pytest.fixture(scope="module")
+def reference(recipes: Any) -> Path:
+    return _train_here(recipes("single"))
+
+
+def test_two_way_zero3_run_resumed_equals_one_process(recipes: Any, reference: Path,
+                                                      deepspeed_ops: None) -> None:
     path = recipes("sp_zero3", training={**SEQUENCE_PARALLEL, "tiled_mlp": True})
     _launch(str(path), f"--set=training.max_steps={SAVE_STEPS}")
     run = Path(load_recipe(path).output_dir)
@@ -118,6 +124,18 @@ def test_two_way_zero3_run_resumed_equals_one_process(recipes: Any, deepspeed_op
           f"{expected}; max |adapter/extras diff| {diff:.3g}")
     assert losses == pytest.approx(expected, rel=LOSS_RTOL)
     assert diff < TENSOR_ATOL
+
+
+def test_zero3_accumulation_keeps_every_micro_batch(recipes: Any, reference: Path,
+                                                   deepspeed_ops: None) -> None:
+    """One process, ZeRO-3, accumulation 2, chunked loss: the loss runs inside DeepSpeed's
+    forward, where ZeRO-3 counts micro-steps; called around it, each micro-step's gradients
+    replaced the previous ones (step 2's loss was 5.93699 instead of 5.93360)."""
+    path = recipes("zero3_accumulation", training={"deepspeed": "zero3",
+                                                   "max_steps": SAVE_STEPS})
+    _launch(str(path), nproc=1)
+    losses = _losses(Path(load_recipe(path).output_dir))
+    assert losses == pytest.approx(_losses(reference)[:SAVE_STEPS], rel=LOSS_RTOL)
 
 
 def test_two_groups_zero2_pose_plain_loss_equal_one_process(recipes: Any,
