@@ -257,6 +257,44 @@ def _cross_checks(sections: dict[str, Any]) -> list[PiLoraError]:
                 fix="set training.gradient_checkpointing: true, or drop offload_checkpoints"))
         errors += _check_deepspeed_path(training.deepspeed)
         errors += _s2_checks(training, model, data)
+        errors += _sequence_parallel_checks(training, model, data, rope)
+    return errors
+
+
+def _sequence_parallel_checks(training: Any, model: Any, data: Any,
+                              rope: Any) -> list[PiLoraError]:
+    """Ulysses runs inside DeepSpeed and drops the attention mask (each slice's mask is not
+    the whole sequence's): whatever relies on a mask, or on another attention, is refused."""
+    n = training.sequence_parallel
+    if n == 1:
+        return []
+    attention = model.attn_implementation if model is not None else None
+    data_format, pose, stream = (data.format, data.pose, data.streaming) if data is not None \
+        else ("pretrain", None, False)
+    refused = [  # (when, why, fix)
+        (not training.deepspeed, "sequence parallelism is DeepSpeed's (Ulysses)",
+         "set training.deepspeed: zero2 or zero3, or drop sequence_parallel"),
+        (training.s2_attn, "S2-Attn and sequence parallelism both replace the attention function",
+         "drop training.s2_attn (sequence parallelism keeps exact attention)"),
+        (attention == "eager", "eager attention needs a [T x T] mask, which sequence "
+         "parallelism does not pass", "set model.attn_implementation: sdpa or flash_attention_2"),
+        (data_format != "pretrain" and attention == "sdpa", f"{data_format} data packs "
+         "conversations that must not see each other; without a mask sdpa would attend across "
+         "them", "set model.attn_implementation: flash_attention_2 (it separates them by "
+         "position ids), or drop sequence_parallel"),
+        (pose is not None and attention == "flash_attention_2", "PoSE positions skip ahead, "
+         "which FlashAttention-2 reads as new documents once the mask is gone",
+         "use model.attn_implementation: sdpa with PoSE, or drop sequence_parallel"),
+        (stream, "a stream is dispatched from rank 0 and the sequence-parallel data adapter "
+         "gathers from every rank: the combination is untested",
+         "set data.streaming: false (the data is tokenized once and memory-mapped)"),
+    ]
+    errors = [PiLoraError(why, field="training.sequence_parallel", fix=fix)
+              for when, why, fix in refused if when]
+    seq_len = (data.seq_len if data is not None else None) or getattr(rope, "target_context", None)
+    if seq_len is not None and seq_len % n:
+        errors.append(PiLoraError(f"training rows of {seq_len} tokens do not split into {n} "
+                                  "equal slices", field="data.seq_len", fix=f"use a multiple of {n}"))
     return errors
 
 

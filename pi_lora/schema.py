@@ -193,6 +193,12 @@ class TrainingSection(_Section):
     loss_chunk_tokens: Tokens = 1024
     s2_attn: bool = False
     s2_group_fraction: float = Field(0.25, gt=0.0, le=1.0)
+    sequence_parallel: Annotated[int, Field(ge=1, le=1024)] = Field(
+        1, description="processes that share one sequence (DeepSpeed Ulysses): each holds "
+                       "1/N of its tokens; needs training.deepspeed, heads divisible by N")
+    tiled_mlp: bool = Field(
+        False, description="ALST's tiled MLP: each layer's MLP runs over row tiles of about "
+                           "hidden-size tokens and is recomputed in backward (no [T, F] saved)")
 
 
     def accumulation_steps(self, processes: int) -> int:

@@ -40,6 +40,12 @@ from pi_lora.recipe import DataSection, Recipe
 from pi_lora.rope import RopePlan, plan_rope
 from pi_lora.rundir import EXTRAS_FILE, RunDir, RunFacts, RunProvenance
 from pi_lora.runlock import hold
+from pi_lora.sequence_parallel import (
+    ShardedRows,
+    check_launch,
+    data_parallel_size,
+    enable_tiled_mlp,
+)
 from pi_lora.train_args import progress_callback, training_arguments
 from pi_lora.trainer import loss_route, trainer_class
 
@@ -53,6 +59,11 @@ def check_training_device(recipe: Recipe) -> None:
 
 def _world_size() -> int:
     return process_info().world_size
+
+
+def _groups(recipe: Recipe) -> int:
+    """Data-parallel groups: processes, or groups of sequence_parallel processes."""
+    return data_parallel_size(recipe.training, _world_size())
 
 
 def _is_main() -> bool:
@@ -72,6 +83,8 @@ def build_training_model(recipe: Recipe, plan: RopePlan, device_map: Any = None)
         from pi_lora.attention import enable_s2_attention
 
         enable_s2_attention(model, recipe.training.s2_group_fraction)
+    if recipe.training.tiled_mlp:
+        enable_tiled_mlp(model, recipe.training)
     return model
 
 
@@ -103,6 +116,7 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool,
     is_main = _is_main()
     allocator = tune_cpu_allocator() if not torch.cuda.is_available() else None
     config = load_config(recipe.model)
+    check_launch(recipe, config, _world_size())
     plan = plan_rope(recipe.rope, config)
     prepares = _prepares_run_dir(recipe)  # other ranks would race its mkdir
     replace = prepares and run.check_start(recipe, resume=resume, overwrite=overwrite,
@@ -179,12 +193,19 @@ def _announce(recipe: Recipe, plan: RopePlan, built: BuiltData, trainable: int, 
     print(f"pi-lora: {recipe.model.name} {plan.method} x{plan.factor:g} "
           f"({plan.original_context} -> {plan.target_context}), "
           f"{built.sequences if built.sequences is not None else 'a stream of'} sequences "
-          f"of {lengths}, global batch {recipe.training.global_batch(_world_size())} "
-          f"({recipe.training.per_device_batch_size} x {_world_size()} processes x "
-          f"{recipe.training.accumulation_steps(_world_size())} accumulation), "
+          f"of {lengths}, global batch {recipe.training.global_batch(_groups(recipe))} "
+          f"({recipe.training.per_device_batch_size} x {_parallel(recipe)} x "
+          f"{recipe.training.accumulation_steps(_groups(recipe))} accumulation), "
           f"trainable {trainable:,} / {total:,}", flush=True)
     _report_conversations(built, recipe.seq_len)
     print(f"pi-lora: loss {facts.loss}", flush=True)
+
+
+def _parallel(recipe: Recipe) -> str:
+    n = recipe.training.sequence_parallel
+    if n == 1:
+        return f"{_world_size()} processes"
+    return f"{_groups(recipe)} group(s) of {n} processes sharing each sequence"
 
 
 def _prepares_run_dir(recipe: Recipe) -> bool:
@@ -247,18 +268,24 @@ def _build_trainer(recipe: Recipe, run: RunDir, args: Any, model: Any, tokenizer
     from pi_lora.model import extras_parameter_names
 
     # real tokens, not seq_len x rows: short_mix rows and chat packs are shorter
-    tokens_per_step = built.tokens_per_sequence * recipe.training.global_batch(_world_size())
+    tokens_per_step = built.tokens_per_sequence * recipe.training.global_batch(_groups(recipe))
     t = recipe.training
     chunked, _ = loss_route(model, t.chunked_loss)
     trainer = trainer_class()(
         model=model, args=args, train_dataset=built.train, eval_dataset=built.validation,
-        data_collator=PackedCollator(tokenizer.pad_token_id, pose_skips(recipe)),
+        data_collator=_collator(recipe, tokenizer),
         callbacks=[progress_callback(run, tokens_per_step, _is_main())],
         chunk_tokens=t.loss_chunk_tokens if chunked else None,
         offload_checkpoints=t.offload_checkpoints,
         extras_names=tuple(extras_parameter_names(model, recipe.lora.trainable_extras)))
     trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
     return trainer
+
+
+def _collator(recipe: Recipe, tokenizer: Any) -> Any:
+    collator = PackedCollator(tokenizer.pad_token_id, pose_skips(recipe))
+    n = recipe.training.sequence_parallel
+    return collator if n == 1 else ShardedRows(collator, n)
 
 
 def _save_final(trainer: Any, run: RunDir) -> None:
@@ -302,5 +329,5 @@ def _start_facts(recipe: Recipe, plan: RopePlan, extras: list[str], trainable: i
 
 
 def _epochs(recipe: Recipe, sequences: int) -> float:
-    per_step = recipe.training.global_batch(_world_size())
+    per_step = recipe.training.global_batch(_groups(recipe))
     return math.ceil(recipe.training.max_steps * per_step / max(sequences, 1) * 100) / 100

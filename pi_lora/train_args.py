@@ -15,6 +15,7 @@ from pi_lora.distributed import adapt_deepspeed_config, load_deepspeed_config, p
 from pi_lora.errors import PiLoraError
 from pi_lora.recipe import Recipe, resolve_deepspeed_config
 from pi_lora.rundir import RunDir
+from pi_lora.sequence_parallel import data_parallel_size, parallelism_config
 
 # TensorBoard's folder when the user set one before pi-lora ran; else each run's own
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
@@ -101,6 +102,8 @@ def training_arguments(recipe: Recipe, run: RunDir,
     extra: dict[str, Any] = {}
     if accelerator_config:
         extra["accelerator_config"] = accelerator_config
+    if t.sequence_parallel > 1:  # DeepSpeed Ulysses over groups of N processes
+        extra["parallelism_config"] = parallelism_config(recipe, _world_size())
     if evaluate:  # loss on data.validation_sequences held out of training, every eval_steps
         extra.update(eval_strategy="steps", eval_steps=t.eval_steps or t.save_steps,
                      per_device_eval_batch_size=t.per_device_batch_size,
@@ -110,7 +113,7 @@ def training_arguments(recipe: Recipe, run: RunDir,
         warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
         max_grad_norm=t.max_grad_norm, per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.accumulation_steps(_world_size()),
+        gradient_accumulation_steps=t.accumulation_steps(data_parallel_size(t, _world_size())),
         **_checkpointing_arguments(TrainingArguments, t.gradient_checkpointing),
         bf16=t.precision == "bf16", fp16=t.precision == "fp16", seed=t.seed, data_seed=t.seed,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,

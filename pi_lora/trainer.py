@@ -1,4 +1,4 @@
-"""pi-lora's Trainer: transformers' Trainer plus three jobs, one mixin each.
+"""pi-lora's Trainer: transformers' Trainer plus a few jobs, one mixin each.
 
 - `ChunkedLoss`: the loss without [tokens x vocab] logits (pi_lora.loss), in training and in
   evaluation, with autocast (the chunked path bypasses accelerate's wrapped forward) and
@@ -9,6 +9,9 @@
   full fp32 masters, not the module's (bf16 or ZeRO-3 empty) copies.
 - `DivergenceGuard`: training stops at the first non-finite loss or gradient norm, and no
   checkpoint is saved from non-finite weights; `divergence` says where and why.
+- `SequenceParallelSteps` (pi_lora.sequence_parallel): under `training.sequence_parallel`,
+  the step's token count from the ranks' slices and resume through DeepSpeed's data adapter;
+  `ChunkedLoss` computes each slice's exact share of the loss.
 
 Everything is configured through the constructor; the class is assembled lazily so importing
 pi-lora does not import transformers.
@@ -55,27 +58,37 @@ class ChunkedLoss:
 
     def _loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool,
               num_items_in_batch: Any) -> Any:
-        if self.chunk_tokens is None or return_outputs:
+        sliced = "shift_labels" in inputs  # a sequence-parallel slice: pi_lora.sequence_parallel
+        if not sliced and (self.chunk_tokens is None or return_outputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        batch = {key: inputs.get(key) for key in
-                 ("input_ids", "labels", "attention_mask", "position_ids")}
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            # DDP prepares its gradient reducer only inside its own forward: run it there
-            with self._mixed_precision():
-                loss = model(**batch, num_items_in_batch=num_items_in_batch,
-                             pi_lora_chunked=True).loss
-        else:
-            from pi_lora.loss import causal_lm_loss
+        if self.chunk_tokens is None:  # a slice, plain loss: the model's own forward and loss
+            from pi_lora.sequence_parallel import shard_loss
 
-            with _gathered(_sharded_output_head(self.model)), self._mixed_precision():
-                loss = causal_lm_loss(model, batch["input_ids"], batch["labels"],
-                                      attention_mask=batch["attention_mask"],
-                                      position_ids=batch["position_ids"],
-                                      num_items_in_batch=num_items_in_batch,
-                                      chunk_tokens=self.chunk_tokens)
+            loss = shard_loss(model, inputs, num_items_in_batch, None)
+        else:
+            loss = self._chunked(model, inputs, num_items_in_batch, "slice" if sliced else "rows")
+        if sliced:
+            from pi_lora.sequence_parallel import rank_share
+
+            return rank_share(loss, self.accelerator.num_processes, self.slice_gradient_scale)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return loss
+
+    def _chunked(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any,
+                 kind: str) -> Any:
+        """The chunked loss of whole rows or of a slice. Under DDP or DeepSpeed it runs inside
+        the wrapper's forward: DDP prepares its gradient reducer there, and DeepSpeed counts
+        micro-steps there (ZeRO-3 called around its forward overwrites, instead of adding,
+        the gradients of every micro-step but the last)."""
+        keys = _LOSS_INPUTS[kind]
+        batch = {key: inputs[key] for key in keys if inputs.get(key) is not None}
+        with _gathered(_sharded_output_head(self.model)), self._mixed_precision():
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+                    or self.is_deepspeed_enabled:
+                return model(**batch, num_items_in_batch=num_items_in_batch,
+                             pi_lora_loss=kind).loss
+            return _chunked_loss(model, batch, num_items_in_batch, self.chunk_tokens, kind)
 
     def _mixed_precision(self) -> Any:
         """Autocast for the chunked path, which calls the decoder body directly and so
@@ -187,23 +200,38 @@ def _divergence_callback(trainer: Any) -> Any:
     return Divergence()
 
 
+# what each kind of chunked loss reads from a batch
+_LOSS_INPUTS = {"rows": ("input_ids", "labels", "attention_mask", "position_ids"),
+                "slice": ("input_ids", "shift_labels", "attention_mask", "position_ids")}
+
+
+def _chunked_loss(model: Any, batch: dict[str, Any], num_items_in_batch: Any, chunk_tokens: int,
+                  kind: str) -> Any:
+    """`rows`: whole sequences (labels shifted inside); `slice`: a sequence-parallel slice."""
+    if kind == "slice":
+        from pi_lora.sequence_parallel import shard_loss
+
+        return shard_loss(model, batch, num_items_in_batch, chunk_tokens)
+    from pi_lora.loss import causal_lm_loss
+
+    return causal_lm_loss(model, batch["input_ids"], batch["labels"],
+                          attention_mask=batch.get("attention_mask"),
+                          position_ids=batch.get("position_ids"),
+                          num_items_in_batch=num_items_in_batch, chunk_tokens=chunk_tokens)
+
+
 def _install_chunked_forward(module: Any, chunk_tokens: int) -> None:
-    """`module(..., pi_lora_chunked=True)` returns the chunked loss from inside the module's
-    own forward, which is where DDP's reducer expects the graph to be built."""
+    """`module(..., pi_lora_loss="rows" | "slice")` returns the chunked loss from inside the
+    module's own forward, where DDP and DeepSpeed expect the graph to be built."""
     original = module.forward
 
-    def forward(*args: Any, pi_lora_chunked: bool = False, **kwargs: Any) -> Any:
-        if not pi_lora_chunked:
+    def forward(*args: Any, pi_lora_loss: str | None = None, **kwargs: Any) -> Any:
+        if pi_lora_loss is None:
             return original(*args, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        from pi_lora.loss import causal_lm_loss
-
-        loss = causal_lm_loss(module, kwargs["input_ids"], kwargs["labels"],
-                              attention_mask=kwargs.get("attention_mask"),
-                              position_ids=kwargs.get("position_ids"),
-                              num_items_in_batch=kwargs.get("num_items_in_batch"),
-                              chunk_tokens=chunk_tokens)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        loss = _chunked_loss(module, kwargs, num_items, chunk_tokens, pi_lora_loss)
         return CausalLMOutputWithPast(loss=loss)
 
     module.forward = forward
@@ -227,8 +255,10 @@ def trainer_class() -> type:
     extras_names=..., ...): the mixins in front of transformers' Trainer."""
     from transformers import Trainer
 
+    from pi_lora.sequence_parallel import SequenceParallelSteps
+
     return type("PiLoraTrainer", (ChunkedLoss, ExtrasCheckpoints, MasterWeightsSave,
-                                  DivergenceGuard, Trainer), {})
+                                  DivergenceGuard, SequenceParallelSteps, Trainer), {})
 
 
 def checkpoint_offload(enabled: bool) -> Any:

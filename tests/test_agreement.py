@@ -13,6 +13,7 @@ from pi_lora.known_models import config_for_planning
 from pi_lora.model import apply_sliding_window, attention_window, wrap_lora
 from pi_lora.plan import get_device, plan_recipe
 from pi_lora.recipe import load_recipe
+from pi_lora.sequence_parallel import data_parallel_size
 from pi_lora.trainer import loss_route
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -40,7 +41,8 @@ def test_plan_and_train_agree(path: Path, gpus: int) -> None:
     plan = plan_recipe(recipe, get_device("h100-80gb"), gpus=gpus)
     setup = plan.setup
 
-    assert setup.batch * setup.grad_accum * setup.world == recipe.training.global_batch(gpus)
+    groups = data_parallel_size(recipe.training, gpus)  # as train counts them (SP groups)
+    assert setup.batch * setup.grad_accum * groups == recipe.training.global_batch(groups)
     trained = copy.deepcopy(config)
     apply_sliding_window(trained, recipe.model)
     assert plan.shape.attention_window == attention_window(trained)

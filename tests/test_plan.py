@@ -8,6 +8,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,8 +40,8 @@ def test_every_shipped_recipe_plans_offline(recipe: Path, tiny_models, capsys) -
     assert memory["peak_bytes"] == pytest.approx(sum(t["bytes"] for t in memory["terms"]), rel=1e-6)
     assert time["step_seconds"] > 0 and time["device_hours"] > 0
     assert time["flops_per_step"] == pytest.approx(
-        time["flops_per_token"] * plan["setup"]["seq_len"] * 8 * plan["setup"]["grad_accum"]
-        * plan["setup"]["batch"])
+        time["flops_per_token"] * plan["setup"]["seq_len"] * plan["setup"]["grad_accum"]
+        * plan["setup"]["batch"] * 8 // plan["setup"]["sequence_parallel"])
 
 
 def test_table_names_every_part_of_the_issue(capsys) -> None:
@@ -259,3 +260,56 @@ def test_70b_merge_is_planned_with_its_ram(capsys) -> None:
     assert 5 * gib < merge["peak_bytes"] < 16 * gib  # one 5 GB shard + embeddings + runtime
     assert merge["full_check_bytes"] > 700 * gib  # why the 70B check runs layer by layer
     assert merge["probe_tokens"] == 4096 + 128
+
+
+def test_sequence_parallel_divides_activations_and_adds_all_to_all() -> None:
+    """qwen2.5-7b-128k on 8 H100s: 2-way sequence parallelism fits where S2-Attn alone did
+    not; per-device token terms are halved, and each layer's 4 exchanges of q, k, v and the
+    output (x3 with backward, +1 recomputed) are in the step time."""
+    from pi_lora.plan.compute import all_to_all_bytes
+
+    path = REPO / "recipes/qwen2.5-7b-128k.yaml"
+    h100 = get_device("h100-80gb")
+    split = plan_recipe(load_recipe(path), h100, gpus=8)
+    whole = plan_recipe(load_recipe(path, ["training.sequence_parallel=1",
+                                           "training.s2_attn=true"]), h100, gpus=8)
+    assert split.memory.fits and not whole.memory.fits
+    s, shape = split.setup, split.shape
+    assert (s.groups, s.grad_accum, s.global_batch) == (4, 16, 64)
+    terms = {t.name: t.bytes for t in split.memory.terms}
+    assert terms["checkpointed layer inputs"] == shape.layers * 131072 // 2 * shape.hidden * 2
+    width = 2 * shape.hidden + 2 * shape.kv_dim  # 4 kv heads: no repetition for 2 ranks
+    assert all_to_all_bytes(shape, s) == shape.layers * 65536 * width * 2 * 0.5 * 4
+    assert split.time.all_to_all_seconds > 0 and whole.time.all_to_all_seconds == 0
+    advice = {r.name: r for r in whole.recommendations}
+    assert advice["sequence parallel x2"].fits  # the smallest size that fits, alone
+    assert "training.s2_attn=false" in advice["sequence parallel x2"].overrides
+    assert not any(name.startswith("sequence parallel x4") for name in advice)
+
+
+def test_sequence_parallel_sizes_follow_the_heads() -> None:
+    from pi_lora.errors import PiLoraError
+
+    path = REPO / "recipes/qwen2.5-7b-128k.yaml"  # 28 heads, 4 KV heads
+    with pytest.raises(PiLoraError, match="28 attention heads, not divisible by 8") as info:
+        plan_recipe(load_recipe(path, ["training.sequence_parallel=8"]), get_device("h100-80gb"),
+                    gpus=8)
+    assert info.value.field == "training.sequence_parallel"
+    assert "[1, 2, 4, 28]" in info.value.fix  # 7 and 14 would split the 4 KV heads unevenly
+
+
+def test_tiled_mlp_saves_the_mlp_intermediates_and_recomputes_them() -> None:
+    path = REPO / "recipes/qwen2.5-7b-128k.yaml"
+    h100 = get_device("h100-80gb")
+    plain = plan_recipe(load_recipe(path), h100, gpus=8, advise=False)
+    tiled = plan_recipe(load_recipe(path, ["training.tiled_mlp=true"]), h100, gpus=8,
+                        advise=False)
+    shape, tokens = plain.shape, plain.setup.local_tokens
+    def working_set(plan: Any) -> float:
+        terms = plan.memory.moments["backward of the last layer"]
+        return next(t.bytes for t in terms if t.name == "recompute working set (1 layer)")
+
+    saved = working_set(plain) - working_set(tiled)
+    assert saved > tokens * 2 * 3 * shape.intermediate  # at least the [T, 3F] bf16 it saved
+    assert tiled.time.flops_per_token - plain.time.flops_per_token == \
+        2 * 3 * shape.hidden * shape.intermediate * shape.layers

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pi_lora.plan.setup import Setup
+from pi_lora.plan.shape import ModelShape
 from pi_lora.recipe import QuantizationSection, Recipe
+from pi_lora.sequence_parallel import sequence_parallel_sizes
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,11 @@ def _model(**changes: object) -> Callable[[Recipe], Recipe]:
     return apply
 
 
-def candidates(recipe: Recipe, setup: Setup, fits: bool) -> list[Candidate]:
+def candidates(recipe: Recipe, setup: Setup, shape: ModelShape, fits: bool) -> list[Candidate]:
     """Changes worth planning for this recipe on this launch (none it already has)."""
     t, found = recipe.training, []
+    if not fits:
+        found += sequence_parallel_candidates(recipe, setup, shape)
     if not t.chunked_loss:
         found.append(Candidate("chunked loss", ("training.chunked_loss=true",),
                                "no [T, V] logits", _training(chunked_loss=True)))
@@ -58,6 +62,10 @@ def candidates(recipe: Recipe, setup: Setup, fits: bool) -> list[Candidate]:
         found.append(Candidate("ZeRO-3 + CPU offload", ("training.deepspeed=zero3_offload",),
                                "weights and optimizer states in host RAM; PCIe-bound",
                                _training(deepspeed="zero3_offload")))
+    if not t.tiled_mlp and not fits and setup.device_kind == "gpu":
+        found.append(Candidate("tiled MLP", ("training.tiled_mlp=true",),
+                               "MLP over row tiles, recomputed in backward: no [T, F] saved",
+                               _training(tiled_mlp=True)))
     if t.gradient_checkpointing and not t.offload_checkpoints and setup.device_kind == "gpu":
         found.append(Candidate("offload checkpoints", ("training.offload_checkpoints=true",),
                                "layer inputs in pinned host memory; PCIe copies each step",
@@ -66,7 +74,8 @@ def candidates(recipe: Recipe, setup: Setup, fits: bool) -> list[Candidate]:
         found.append(Candidate("QLoRA (nf4 base)", ("model.quantization.bits=4",),
                                "4-bit frozen base; slower matmuls, small quality cost",
                                _model(quantization=QuantizationSection(bits=4))))
-    if not t.s2_attn and recipe.data.format == "pretrain":  # packed conversations: no S2
+    if not t.s2_attn and recipe.data.format == "pretrain" and t.sequence_parallel == 1:
+        # packed conversations: no S2; sequence parallelism replaces the attention itself
         fa2 = recipe.model.attn_implementation == "flash_attention_2"
         found.append(Candidate(
             "S2-Attn", ("training.s2_attn=true",) + (("model.attn_implementation=sdpa",) if fa2 else ()),
@@ -90,3 +99,44 @@ def candidates(recipe: Recipe, setup: Setup, fits: bool) -> list[Candidate]:
             "same global batch, activations of one sequence",
             _training(per_device_batch_size=1, gradient_accumulation_steps=accum)))
     return found
+
+
+SEQUENCE_PARALLEL = "sequence parallel"
+
+
+def sequence_parallel_candidates(recipe: Recipe, setup: Setup,
+                                 shape: ModelShape) -> list[Candidate]:
+    """One candidate per size the launch and model allow (the planner keeps the smallest that
+    fits), with what sequence parallelism needs: DeepSpeed, no S2-Attn, and an attention
+    kernel that keeps the row's structure without a mask."""
+    t = recipe.training
+    if setup.device_kind != "gpu" or t.sequence_parallel > 1:
+        return []
+    sizes = sequence_parallel_sizes(t, setup.seq_len, shape.heads, shape.kv_heads, setup.world)
+    training: dict[str, object] = {"s2_attn": False} if t.s2_attn else {}
+    if not t.deepspeed:
+        training["deepspeed"] = "zero3"
+    attention = recipe.model.attn_implementation
+    windowed = shape.attention_window is not None and shape.attention_window < setup.seq_len
+    if recipe.data.format != "pretrain" or windowed:
+        attention = "flash_attention_2"  # separates packed conversations, keeps the window
+    elif attention == "eager" or (recipe.data.pose and attention == "flash_attention_2"):
+        attention = "sdpa"
+    model = {"attn_implementation": attention} if attention != recipe.model.attn_implementation \
+        else {}
+    found = []
+    for n in sizes:
+        changes = {**training, "sequence_parallel": n}
+        overrides = tuple(f"training.{k}={_text(v)}" for k, v in changes.items()) + tuple(
+            f"model.{k}={v}" for k, v in model.items())
+        found.append(Candidate(
+            f"{SEQUENCE_PARALLEL} x{n}", overrides,
+            f"each sequence split over {n} devices (DeepSpeed Ulysses): activations / {n}, "
+            "all-to-all per layer" + ("; exact attention, so S2-Attn's saving goes"
+                                      if t.s2_attn else ""),
+            _both(_training(**changes), _model(**model))))
+    return found
+
+
+def _text(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -14,7 +14,10 @@ tests/test_plan.py). The step peak is the largest of four moments:
 - optimizer step: persistent state + gradients + AdamW temporaries.
 
 Symbols: B sequences per device, T tokens per sequence, D hidden, F intermediate, V vocab,
-L layers, e bytes per element of the model dtype.
+L layers, e bytes per element of the model dtype. Under sequence parallelism (N processes per
+sequence, DeepSpeed Ulysses) every per-token term counts the device's T/N tokens: outside
+attention a device holds its slice, inside it all T tokens of H/N heads (the same bytes), plus
+the all-to-all's copies of q, k, v.
 """
 
 from __future__ import annotations
@@ -143,6 +146,8 @@ def layer_activation_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
         norms += 2 * d * e  # the normalized input, for the norm weight's gradient
     attention = e * (2 * shape.head_dim + 2 * d + 2 * shape.kv_dim) + 4 * shape.heads
     mlp = 3 * f * e  # gate output, its activation, up output
+    if setup.tiled_mlp:  # TiledMLP saves only its input; backward recomputes tile by tile
+        mlp = d * e
     return norms + attention + mlp + _lora_bytes_per_token(shape, setup)
 
 
@@ -157,22 +162,43 @@ def _lora_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
 
 def attention_working_bytes(shape: ModelShape, setup: Setup) -> tuple[float, str]:
     """Extra bytes while one layer's attention runs backward (whole micro-batch)."""
-    tokens = setup.batch * setup.seq_len
+    tokens = setup.local_tokens  # under Ulysses: all T tokens of H/N heads, the same bytes
     span = setup.attention_span
     if setup.attn == "eager":
         scores = setup.batch * shape.heads * setup.seq_len * span * (4 + setup.dtype_bytes)
         return scores, f"eager: [B,H,T,{span}] scores fp32 + probabilities"
-    grads = tokens * (4 * shape.hidden + 2 * shape.kv_dim * setup.dtype_bytes)
+    grads = tokens * (4 * shape.hidden + 2 * ulysses_kv_dim(shape, setup) * setup.dtype_bytes)
     if setup.s2_attn:
         grads += tokens * (shape.hidden + 2 * shape.kv_dim) * setup.dtype_bytes
         return grads, f"fused kernel per group of {span}; grouped copies of q, k, v"
     return grads, "fused kernel: fp32 dQ accumulator + dK, dV"
 
 
+def ulysses_kv_dim(shape: ModelShape, setup: Setup) -> int:
+    """Key/value width after Ulysses' exchange: with fewer KV heads than processes each KV
+    head is repeated to N/kv_heads copies before the all-to-all."""
+    return shape.kv_dim * max(1, setup.sequence_parallel // shape.kv_heads)
+
+
+def _ulysses_terms(shape: ModelShape, setup: Setup) -> list[Term]:
+    """The all-to-all's send and receive copies of q, k, v (forward) or of their gradients
+    (backward) while one layer's attention runs: the same bytes as the local slice's."""
+    if setup.sequence_parallel == 1:
+        return []
+    width = shape.hidden + 2 * ulysses_kv_dim(shape, setup)
+    return [Term("Ulysses all-to-all buffers", 2 * setup.local_tokens * width * setup.dtype_bytes,
+                 f"q, k, v sent and received: T/{setup.sequence_parallel} x "
+                 f"(D + 2 kv) x 2 copies")]
+
+
 def layer_gradient_bytes(shape: ModelShape, setup: Setup) -> float:
-    """Gradient temporaries while one layer runs backward (MLP grads dominate)."""
-    tokens = setup.batch * setup.seq_len
-    return tokens * setup.dtype_bytes * (3 * shape.intermediate + 2 * shape.hidden)
+    """Gradient temporaries while one layer runs backward (MLP grads dominate). A tiled MLP
+    holds one tile's intermediates and their gradients instead (tiles of ~D tokens per row)."""
+    tokens, e = setup.local_tokens, setup.dtype_bytes
+    if not setup.tiled_mlp:
+        return tokens * e * (3 * shape.intermediate + 2 * shape.hidden)
+    tile = min(tokens, setup.batch * shape.hidden)
+    return tokens * e * 2 * shape.hidden + tile * e * 6 * shape.intermediate
 
 
 # ----------------------------------------------------------------------------- loss
@@ -180,7 +206,7 @@ def layer_gradient_bytes(shape: ModelShape, setup: Setup) -> float:
 
 def loss_bytes(shape: ModelShape, setup: Setup) -> tuple[float, float, str]:
     """(forward peak, backward peak, note) of lm_head + cross-entropy for the micro-batch."""
-    tokens, v, e = setup.batch * setup.seq_len, shape.vocab, setup.dtype_bytes
+    tokens, v, e = setup.local_tokens, shape.vocab, setup.dtype_bytes
     if not setup.chunked_loss:
         upcast = 4 if e < 4 else 0  # transformers upcasts half-precision logits to fp32
         forward = tokens * v * (e + upcast + 4)  # logits, fp32 copy, log-softmax output
@@ -208,15 +234,16 @@ def loss_bytes(shape: ModelShape, setup: Setup) -> tuple[float, float, str]:
 
 def plan_memory(shape: ModelShape, setup: Setup, device: Device) -> MemoryPlan:
     """Terms at the peak moment of a step, and the verdict against `device`."""
-    tokens = setup.batch * setup.seq_len
+    tokens = setup.local_tokens
     e = setup.dtype_bytes
     weights, weights_note = _weights_on_device(shape, setup)
     persistent = [Term(f"weights ({_weights_format(setup)})", weights, weights_note),
                   *_trainable_terms(shape, setup)]
     per_layer = layer_activation_bytes_per_token(shape, setup) * tokens
     if setup.checkpointing:
+        sliced = "T" if setup.sequence_parallel == 1 else f"T/{setup.sequence_parallel}"
         stored = Term("checkpointed layer inputs", checkpoint_bytes(shape, setup),
-                      f"L x B x T x D x {e} bytes")
+                      f"L x B x {sliced} x D x {e} bytes")
         if setup.offload_checkpoints:  # one layer's input is back on the device at a time
             stored = Term("checkpointed layer inputs (offloaded)", tokens * shape.hidden * e,
                           f"host keeps L x B x T x D x {e}; one layer's copy on the device")
@@ -238,6 +265,7 @@ def plan_memory(shape: ModelShape, setup: Setup, device: Device) -> MemoryPlan:
                  (per_layer if setup.checkpointing else 0) + layer_gradient_bytes(shape, setup),
                  "one layer's saved activations + its gradient temporaries"),
             Term("attention workspace", attention, attention_note),
+            *_ulysses_terms(shape, setup),
             Term("gradients", grads, grads_note)],
         "optimizer step": [Term("gradients", grads, grads_note),
                            Term("AdamW temporaries", shape.trainable_params * 8,
@@ -298,5 +326,6 @@ def _host_bytes(shape: ModelShape, setup: Setup) -> int:
 
 
 def checkpoint_bytes(shape: ModelShape, setup: Setup) -> float:
-    """The checkpointed layer inputs of one device: L x B x T x D x e."""
-    return shape.layers * setup.batch * setup.seq_len * shape.hidden * setup.dtype_bytes
+    """The checkpointed layer inputs of one device: L x B x T x D x e (T/N per device
+    under sequence parallelism)."""
+    return shape.layers * setup.local_tokens * shape.hidden * setup.dtype_bytes

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pi_lora.errors import PiLoraError
-from pi_lora.plan.advice import candidates
+from pi_lora.plan.advice import SEQUENCE_PARALLEL, candidates
 from pi_lora.plan.compute import TimePlan, plan_time
 from pi_lora.plan.devices import Device
 from pi_lora.plan.memory import MemoryPlan, plan_memory
@@ -19,6 +19,7 @@ from pi_lora.plan.merging import MergePlan, plan_merge
 from pi_lora.plan.setup import Setup, setup_from_recipe
 from pi_lora.plan.shape import ModelShape, model_shape
 from pi_lora.recipe import Recipe
+from pi_lora.sequence_parallel import sequence_parallel_problems
 
 FITS, FITS_WITH_OFFLOAD, DOES_NOT_FIT = "fits", "fits with offload", "does not fit"
 
@@ -62,6 +63,9 @@ def plan_recipe(recipe: Recipe, device: Device, *, gpus: int = 1, nodes: int = 1
         config, source = _config(recipe)
     if gpus < 1 or nodes < 1:
         raise PiLoraError("--gpus and --nodes must be >= 1", fix="--gpus 8 --nodes 1")
+    problems = sequence_parallel_problems(recipe, config)
+    if problems:
+        raise problems[0]
     shape = model_shape(recipe, config)
     plan = _plan(recipe, shape, device, gpus, nodes, source)
     if advise:
@@ -100,12 +104,23 @@ def _plan(recipe: Recipe, shape: ModelShape, device: Device, gpus: int, nodes: i
 
 def _recommend(recipe: Recipe, plan: Plan, gpus: int, nodes: int) -> list[Recommendation]:
     found = []
-    for candidate in candidates(recipe, plan.setup, plan.memory.fits):
+    for candidate in candidates(recipe, plan.setup, plan.shape, plan.memory.fits):
         other = _plan(candidate.apply(recipe), plan.shape, plan.device, gpus, nodes, "")
         found.append(Recommendation(
             candidate.name, candidate.overrides, candidate.why, other.memory.peak_bytes,
             other.memory.peak_bytes - plan.memory.peak_bytes, other.time.step_seconds,
             other.time.step_seconds - plan.time.step_seconds, other.memory.fits))
     # what fits first, then the fastest
-    return sorted(found, key=lambda r: (not r.fits, r.step_seconds, r.peak_bytes))
+    return sorted(_smallest_sequence_parallel(found),
+                  key=lambda r: (not r.fits, r.step_seconds, r.peak_bytes))
+
+
+def _smallest_sequence_parallel(found: list[Recommendation]) -> list[Recommendation]:
+    """Of the sequence-parallel sizes (ascending), the smallest that fits, else the largest:
+    more devices per sequence only add all-to-all traffic once the slices fit."""
+    sizes = [r for r in found if r.name.startswith(SEQUENCE_PARALLEL)]
+    if len(sizes) <= 1:
+        return found
+    keep = next((r for r in sizes if r.fits), sizes[-1])
+    return [r for r in found if r not in sizes or r is keep]
 

@@ -34,13 +34,13 @@ def render_table(plan: Plan) -> str:
         f"({shape.trainable_params / 1e6:.1f}M trainable: LoRA {shape.lora_params / 1e6:.1f}M "
         f"+ extras {shape.extras_params / 1e6:.1f}M); config from {plan.config_source}; "
         f"attention window {_window(shape.attention_window, s.seq_len)}",
-        f"step: {s.batch} x {s.seq_len:,} tokens per device, accumulation {s.grad_accum}, "
-        f"global batch {s.batch * s.grad_accum * s.world}, "
+        f"step: {_per_device(s)}, accumulation {s.grad_accum}, "
+        f"global batch {s.global_batch}, "
         f"{s.tokens_per_step:,} tokens per optimizer step; "
         f"ZeRO-{s.zero_stage}{' + offload' if s.offload else ''}"
         f"{', checkpointing' if s.checkpointing else ''}"
         f"{', chunked loss' if s.chunked_loss else ', plain loss'}"
-        f"{', S2-Attn' if s.s2_attn else ''}, {s.attn}",
+        f"{', S2-Attn' if s.s2_attn else ''}{', tiled MLP' if s.tiled_mlp else ''}, {s.attn}",
         "",
         f"memory per device (peak at {m.peak_moment}):",
     ]
@@ -62,12 +62,25 @@ def render_table(plan: Plan) -> str:
         f"({'; '.join(t.notes)})",
         f"  step {_duration(t.step_seconds)} (compute {_duration(t.compute_seconds)}, "
         f"communication {_duration(t.communication_seconds)} overlapped, "
-        f"offload {_duration(t.offload_seconds)}), {t.tokens_per_second:,.0f} tokens/s",
+        f"offload {_duration(t.offload_seconds)}"
+        f"{_all_to_all(t.all_to_all_seconds, s.sequence_parallel)}), "
+        f"{t.tokens_per_second:,.0f} tokens/s",
         f"  {s.max_steps} steps: {_duration(t.total_seconds)}, "
         f"{t.device_hours:,.1f} {plan.device.name}-hours",
     ]
     merge = render_merge(plan.merge) if plan.merge else []
     return "\n".join(lines + merge + _render_advice(plan))
+
+
+def _per_device(s: Any) -> str:
+    if s.sequence_parallel == 1:
+        return f"{s.batch} x {s.seq_len:,} tokens per device"
+    return (f"{s.batch} x {s.seq_len:,} tokens per sequence, shared by {s.sequence_parallel} "
+            f"devices ({s.local_tokens:,} each, sequence parallel; {s.groups} group(s))")
+
+
+def _all_to_all(seconds: float, parts: int) -> str:
+    return "" if parts == 1 else f", sequence-parallel all-to-all {_duration(seconds)}"
 
 
 def _other_moments(m: MemoryPlan) -> list[str]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pi_lora.distributed import load_deepspeed_config, offload_sections, zero_stage
 from pi_lora.errors import PiLoraError
 from pi_lora.recipe import Recipe, resolve_deepspeed_config
+from pi_lora.sequence_parallel import data_parallel_size
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -37,10 +38,27 @@ class Setup:
     extras: tuple[str, ...]
     device_kind: str  # "gpu" or "cpu"
     gguf: bool  # weights come from a GGUF file (dequantized while loading)
+    sequence_parallel: int = 1  # processes sharing each sequence (DeepSpeed Ulysses)
+    tiled_mlp: bool = False  # ALST's TiledMLP: no [T, F] intermediates saved
 
     @property
     def world(self) -> int:
         return self.gpus_per_node * self.nodes
+
+    @property
+    def groups(self) -> int:
+        """Data-parallel groups: the processes, or groups of sequence_parallel of them."""
+        return self.world // self.sequence_parallel
+
+    @property
+    def local_tokens(self) -> int:
+        """Tokens whose activations one device holds per micro-step: B x T, or its 1/N
+        slice under sequence parallelism."""
+        return self.batch * self.seq_len // self.sequence_parallel
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch * self.grad_accum * self.groups
 
     @property
     def attention_span(self) -> int:
@@ -51,16 +69,17 @@ class Setup:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.seq_len * self.batch * self.grad_accum * self.world
+        return self.seq_len * self.global_batch
 
 
 def setup_from_recipe(recipe: Recipe, *, gpus: int, nodes: int, device_kind: str) -> Setup:
     t, m = recipe.training, recipe.model
     stage, offload = deepspeed_stage(t.deepspeed)
     quant = m.quantization
+    groups = data_parallel_size(t, gpus * nodes)
     return Setup(
         seq_len=recipe.seq_len, batch=t.per_device_batch_size,
-        grad_accum=t.accumulation_steps(gpus * nodes), max_steps=t.max_steps,
+        grad_accum=t.accumulation_steps(groups), max_steps=t.max_steps,
         gpus_per_node=gpus, nodes=nodes, zero_stage=stage, offload=offload,
         checkpointing=t.gradient_checkpointing, offload_checkpoints=t.offload_checkpoints,
         chunked_loss=t.chunked_loss,
@@ -69,6 +88,7 @@ def setup_from_recipe(recipe: Recipe, *, gpus: int, nodes: int, device_kind: str
         quant_bits=quant.bits if quant else None, double_quant=bool(quant and quant.double_quant),
         lora_dropout=recipe.lora.dropout, extras=tuple(recipe.lora.trainable_extras),
         device_kind=device_kind, gguf=bool(m.gguf_file or m.name.endswith(".gguf")),
+        sequence_parallel=t.sequence_parallel, tiled_mlp=t.tiled_mlp,
     )
 
 
