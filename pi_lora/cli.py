@@ -48,6 +48,10 @@ def cmd_train(recipe_path: str, overrides: list[str], resume: bool, overwrite: b
     recipe = load_recipe(recipe_path, overrides)
     protect = [recipe_path]  # --overwrite never deletes the recipe file being run
     if needs_launch(launch):  # user errors exit 2 here, not inside N processes
+        if recipe.training.sequence_parallel > 1 and not launch.hostfile:
+            from pi_lora.sequence_parallel import check_accumulation
+
+            check_accumulation(recipe.training, launch.processes_per_node() * launch.nnodes)
         # the main node's launcher holds the run's lock for its children: a second launch is
         # refused before it starts N processes (other nodes' launchers share the run)
         with hold(recipe.output_dir, enabled=launch.node_rank == 0, for_children=True):

@@ -237,6 +237,19 @@ def test_world_and_accumulation_checked_at_launch(tmp_path: Path) -> None:
     assert info.value.field == "training.global_batch_size"
 
 
+def test_a_launch_sp_cannot_split_exits_2_before_starting_processes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked by `pi-lora train` itself: one message, exit 2, no ranks started."""
+    from pi_lora.cli import main
+
+    _recipe(tmp_path, training={**SEQUENCE_PARALLEL, "per_device_batch_size": 1,
+                                "global_batch_size": 8})
+    assert main(["train", str(tmp_path / "r.yaml"), "--nproc", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "3 processes cannot be split into groups of 2" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_zero3_without_reduce_scatter_is_refused(tmp_path: Path) -> None:
     from pi_lora.sequence_parallel import check_launch
     from pi_lora.testing import tiny_config
