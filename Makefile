@@ -25,7 +25,7 @@ install: torch  ## install pi-lora (editable) + test, DeepSpeed, bitsandbytes ex
 	$(PIP) install -c $(LOCK) -e ".[dev]"
 	$(PY) tools/lock.py check $(LOCK)
 
-demo: install  ## the PI paper in miniature: train + merge + eval on CPU, offline (~6 min after install)
+demo: install  ## the PI paper in miniature: train + merge + eval on CPU, offline (~8 min after install)
 	$(OFFLINE) $(PY) -m pi_lora.demo.run --out build/demo
 
 test: install  ## the CI test suite (tiny models, CPU, offline)

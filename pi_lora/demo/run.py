@@ -6,7 +6,7 @@ step budget (linear PI, YaRN, and the paper's control: fine-tuning at 1024 witho
 interpolation), then ``pi-lora eval`` measures every model, and the untuned base with each
 rope method, on held-out Shakespeare (perplexity) and passkey retrieval.
 
-    python -m pi_lora.demo.run --out build/demo          # full demo, about 6 min on 2 cores
+    python -m pi_lora.demo.run --out build/demo          # full demo, about 8 min on 2 cores
     python -m pi_lora.demo.run --quick --out build/ci    # CI size, a few minutes
 """
 
