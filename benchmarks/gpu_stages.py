@@ -225,20 +225,18 @@ def plan_recipe_for(name: str, seq_len: int, work: Path, dtype: str = "bf16", *,
 
 def plan_device(ctx: Context) -> Any:
     """This GPU as the planner sees it (the memory model reads only the kind and the size)."""
-    from pi_lora.plan import GPUS, cpu_device
+    from pi_lora.plan import cpu_device, gpu_like
 
     if ctx.dry:
         return cpu_device()
     env = ctx.results.get("env", {})
-    return dataclasses.replace(GPUS["h100-80gb"], name=env.get("gpu") or "this GPU",
-                               memory_bytes=int((env.get("gpu_memory_gib") or 80) * GIB))
+    return gpu_like(env.get("gpu") or "this GPU", int((env.get("gpu_memory_gib") or 80) * GIB))
 
 
 def measurable_peak(plan: Any, on_gpu: bool) -> int:
-    """The plan's peak as the worker measures it: max_memory_allocated leaves out the CUDA
-    context and the allocator's fragmentation, which a GPU plan adds."""
-    outside = ("CUDA context", "allocator fragmentation") if on_gpu else ()
-    return int(plan.memory.peak_bytes - sum(t.bytes for t in plan.memory.terms if t.name in outside))
+    """The plan's peak as the worker measures it (max_memory_allocated on a GPU)."""
+    return plan.memory.allocated_bytes(plan.memory.peak_bytes) if on_gpu \
+        else plan.memory.peak_bytes
 
 
 def stage_plan(ctx: Context) -> dict[str, Any]:

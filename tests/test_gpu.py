@@ -8,7 +8,6 @@ GPU window is not spent on a typo. Each tolerance is stated beside the test that
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -356,21 +355,13 @@ def _plan_cases(device: torch.device) -> tuple[Any, ...]:
             Case("small", 4096, chunked_loss=False, dtype="bf16", extras=()))
 
 
-# Terms of a GPU plan that torch.cuda.max_memory_allocated does not count: the CUDA context
-# lives outside torch's allocator, and fragmentation is reserved, not allocated.
-OUTSIDE_ALLOCATED = ("CUDA context", "allocator fragmentation")
-
-
 def planning_device(device: torch.device) -> Any:
-    """The plan's device for this machine: any GPU entry with this GPU's memory (the memory
-    model reads only the kind), or the CPU."""
-    from pi_lora.plan import GPUS, cpu_device
+    """The plan's device for this machine: this GPU with its memory, or the CPU."""
+    from pi_lora.plan import cpu_device, gpu_like
 
     if device.type == "cpu":
         return cpu_device()
-    total = torch.cuda.get_device_properties(0).total_memory
-    return dataclasses.replace(GPUS["h100-80gb"], name=torch.cuda.get_device_name(0),
-                               memory_bytes=total)
+    return gpu_like(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory)
 
 
 def test_plan_predicts_the_measured_peak(device, tmp_path: Path,
@@ -384,8 +375,7 @@ def test_plan_predicts_the_measured_peak(device, tmp_path: Path,
         path = case_recipe(case, tmp_path)
         assert path is not None
         plan = plan_recipe(load_recipe(path), planning_device(device))
-        outside = sum(t.bytes for t in plan.memory.terms if t.name in OUTSIDE_ALLOCATED)
-        predicted = plan.memory.step_peak_bytes - outside
+        predicted = plan.memory.allocated_bytes(plan.memory.step_peak_bytes)
         measured = measure(path).step_peak_bytes
         record_property(case.label, {"predicted": int(predicted), "measured": measured})
         print(f"{case.label}: plan {predicted / 2**30:.3f} GiB, measured {measured / 2**30:.3f}")

@@ -9,7 +9,7 @@ This file only re-exports: `Plan` and `plan_recipe` live in planner.py, renderin
 from __future__ import annotations
 
 from pi_lora.plan.compute import FORMULA
-from pi_lora.plan.devices import GPUS, Device, cpu_device, device_names, get_device
+from pi_lora.plan.devices import GPUS, Device, cpu_device, device_names, get_device, gpu_like
 from pi_lora.plan.planner import Plan, Recommendation, plan_recipe
 from pi_lora.plan.render import plan_to_dict, render_table
 
@@ -22,6 +22,7 @@ __all__ = [
     "cpu_device",
     "device_names",
     "get_device",
+    "gpu_like",
     "plan_recipe",
     "plan_to_dict",
     "render_table",

@@ -8,6 +8,7 @@ with sdpa's kernels, and lower on consumer cards with less memory bandwidth per 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -55,6 +56,12 @@ def cpu_device(memory_bytes: int | None = None, cores: int | None = None) -> Dev
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cores = cores or os.cpu_count() or 1
     return Device("cpu", memory_bytes, CPU_TFLOPS_PER_CORE * cores, 1.0, 0.0, 0.0, kind="cpu")
+
+
+def gpu_like(name: str, memory_bytes: int) -> Device:
+    """A GPU the table does not name, planned as an H100 with its own memory (the memory
+    model reads only the kind and the size; times would be the H100's)."""
+    return dataclasses.replace(GPUS["h100-80gb"], name=name, memory_bytes=memory_bytes)
 
 
 def device_names() -> list[str]:

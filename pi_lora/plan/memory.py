@@ -85,6 +85,11 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.peak_bytes <= self.device_bytes
 
+    def allocated_bytes(self, peak_bytes: int) -> int:
+        """A peak as torch.cuda.max_memory_allocated sees it: without the terms outside
+        torch's allocator (the CUDA context) or reserved but unallocated (fragmentation)."""
+        return int(peak_bytes - sum(t.bytes for t in self.terms if t.name in _NOT_ALLOCATED))
+
 
 # ----------------------------------------------------------------------------- weights
 
@@ -291,6 +296,9 @@ def _weights_format(setup: Setup) -> str:
     if setup.quant_bits == 8:
         return "int8 + bf16 embeddings/head"
     return {2: "bf16", 4: "fp32"}[setup.dtype_bytes]
+
+
+_NOT_ALLOCATED = ("CUDA context", "allocator fragmentation")  # the GPU terms of _overhead
 
 
 def _overhead(device: Device, transient: float) -> list[Term]:
