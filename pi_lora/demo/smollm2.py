@@ -21,8 +21,8 @@ import json
 import time
 from pathlib import Path
 
-from pi_lora.demo.corpus import load_plays, split_plays
 from pi_lora.demo.run import pi_lora, table
+from pi_lora.demo.run import write_data as write_plays
 from pi_lora.release import is_release
 from pi_lora.rundir import RunDir
 
@@ -39,17 +39,12 @@ ZERO_SHOT = ("none", f"linear:{TARGET}", f"dynamic:{TARGET}", f"yarn:{TARGET}")
 
 
 def write_data(out: Path) -> tuple[Path, Path]:
-    """Training plays as JSONL; the KJV as one .txt (the perplexity text)."""
+    """The demo's training plays as JSONL; the KJV as one .txt (the perplexity text)."""
     from pi_lora.eval.texts import load_kjv_text
 
-    data = out / "data"
-    (data / "eval").mkdir(parents=True, exist_ok=True)
-    train, _ = split_plays(load_plays())
-    train_file = data / "train.jsonl"
-    with open(train_file, "w", encoding="utf-8") as lines:
-        for play in train:
-            lines.write(json.dumps({"text": play.text}) + "\n")
-    kjv = data / "eval" / "kjv.txt"
+    train_file, _ = write_plays(out)  # also writes the demo's held-out plays, unused here
+    kjv = out / "data" / "kjv" / "kjv.txt"
+    kjv.parent.mkdir(parents=True, exist_ok=True)
     kjv.write_text(load_kjv_text().text, encoding="utf-8")
     return train_file, kjv.parent
 
