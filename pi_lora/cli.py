@@ -68,6 +68,17 @@ def cmd_train(recipe_path: str, overrides: list[str], resume: bool, overwrite: b
     return 0
 
 
+def _cpu_allocator() -> None:
+    """On a CPU, re-run this command with tcmalloc preloaded when it is installed
+    (pi_lora/allocator.py: the same peak as glibc tuned, without its page-fault bill)."""
+    import torch
+
+    from pi_lora.allocator import reexec_with_tcmalloc
+
+    if not torch.cuda.is_available():
+        reexec_with_tcmalloc()
+
+
 def _release_process_group() -> None:
     """Leave the process group once every rank has finished (all output is saved by then).
 
@@ -374,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     remember_command(list(sys.argv[1:] if argv is None else argv))
     runner: Callable[[argparse.Namespace], int] = args.run
     try:
+        if argv is None and args.command == "train":  # a real command line: it can be re-run
+            _cpu_allocator()
         return runner(args)
     except PiLoraError as err:
         print(f"pi-lora: error: {err.render()}", file=sys.stderr)

@@ -88,7 +88,8 @@ class RunFacts(BaseModel):
 # or logs, memory savers that do not change the numbers); every other setting is the run's.
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "report_to",
-    "save_on_each_node", "gradient_checkpointing", "offload_checkpoints", "tiled_mlp"})
+    "save_on_each_node", "gradient_checkpointing", "offload_checkpoints", "tiled_mlp",
+    "recompute_attention"})
 _RESUME_FIXED_SECTIONS = ("model", "rope", "lora", "data")
 
 

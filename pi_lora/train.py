@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from pi_lora.adapter_card import write_adapter_card
-from pi_lora.allocator import tune_cpu_allocator
+from pi_lora.allocator import missing_tcmalloc_note, tune_cpu_allocator
 from pi_lora.data import BuiltData, PackedCollator, build_train_dataset
 from pi_lora.distributed import (
     prepare_processes,
@@ -115,6 +116,9 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool,
 
     is_main = _is_main()
     allocator = tune_cpu_allocator() if not torch.cuda.is_available() else None
+    note = missing_tcmalloc_note() if allocator and is_main else None
+    if note:
+        print(f"pi-lora: note: {note}", file=sys.stderr)
     config = load_config(recipe.model)
     check_launch(recipe, config, _world_size())
     plan = plan_rope(recipe.rope, config)

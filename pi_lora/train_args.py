@@ -14,6 +14,7 @@ import torch
 from pi_lora.distributed import adapt_deepspeed_config, load_deepspeed_config, process_info
 from pi_lora.errors import PiLoraError
 from pi_lora.recipe import Recipe, resolve_deepspeed_config
+from pi_lora.recompute import checkpoint_kwargs
 from pi_lora.rundir import RunDir
 from pi_lora.sequence_parallel import data_parallel_size, parallelism_config
 
@@ -114,7 +115,8 @@ def training_arguments(recipe: Recipe, run: RunDir,
         weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
         max_grad_norm=t.max_grad_norm, per_device_train_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.accumulation_steps(data_parallel_size(t, _world_size())),
-        **_checkpointing_arguments(TrainingArguments, t.gradient_checkpointing),
+        **_checkpointing_arguments(TrainingArguments, t.gradient_checkpointing,
+                                   t.recompute_attention),
         bf16=t.precision == "bf16", fp16=t.precision == "fp16", seed=t.seed, data_seed=t.seed,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         save_on_each_node=t.save_on_each_node,
@@ -128,13 +130,14 @@ def training_arguments(recipe: Recipe, run: RunDir,
     )
 
 
-def _checkpointing_arguments(arguments_class: type, enabled: bool) -> dict[str, Any]:
+def _checkpointing_arguments(arguments_class: type, enabled: bool,
+                             recompute_attention: bool = True) -> dict[str, Any]:
     """transformers renamed gradient_checkpointing to activation_checkpointing (old names
     warn from 5.2x on, go in v6): use the name this installed version defines."""
     fields = getattr(arguments_class, "__dataclass_fields__", {})
     prefix = "activation" if "activation_checkpointing" in fields else "gradient"
     return {f"{prefix}_checkpointing": enabled,
-            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+            f"{prefix}_checkpointing_kwargs": checkpoint_kwargs(recompute_attention)}
 
 
 def deepspeed_config(recipe: Recipe) -> dict[str, Any] | None:

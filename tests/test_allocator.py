@@ -69,3 +69,84 @@ def test_user_choice_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LD_PRELOAD")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert tune_cpu_allocator().startswith("left alone (MALLOC_")
+
+
+# ------------------------------------------------------------------ tcmalloc, where installed
+from pi_lora import allocator  # noqa: E402
+from pi_lora.errors import PiLoraError  # noqa: E402
+
+
+def _fake_library(tmp_path: Path) -> Path:
+    library = tmp_path / "libtcmalloc_minimal.so.4"
+    library.write_bytes(b"")
+    return library
+
+
+def test_tcmalloc_environment_preloads_once(tmp_path: Path) -> None:
+    library = _fake_library(tmp_path)
+    env = allocator.tcmalloc_environment({"PATH": "/bin"}, library)
+    assert env is not None and env["LD_PRELOAD"] == str(library) and env["PATH"] == "/bin"
+    assert env[allocator.PRELOADED_ENV] == "1"
+    assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
+    # the re-run process, a user's own preload or glibc tuning, or the opt-out: no re-run
+    for kept in (env, {"LD_PRELOAD": "/x/libjemalloc.so.2"}, {"MALLOC_MMAP_THRESHOLD_": "65536"},
+                 {allocator.ALLOCATOR_ENV: "glibc"}):
+        assert allocator.tcmalloc_environment(kept, library) is None, kept
+
+
+def test_tcmalloc_choice_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(PiLoraError, match="unknown CPU allocator") as err:
+        allocator.tcmalloc_environment({allocator.ALLOCATOR_ENV: "jemallocc"})
+    assert err.value.field == allocator.ALLOCATOR_ENV
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda dirs=None: None)
+    assert allocator.tcmalloc_environment({}) is None  # auto: glibc, with a note (below)
+    with pytest.raises(PiLoraError, match="not installed") as err:
+        allocator.tcmalloc_environment({allocator.ALLOCATOR_ENV: "tcmalloc"})
+    assert "libtcmalloc-minimal4" in err.value.fix
+
+
+def test_find_tcmalloc_and_the_missing_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert allocator.find_tcmalloc((tmp_path,)) is None
+    library = _fake_library(tmp_path)
+    assert allocator.find_tcmalloc((tmp_path / "absent", tmp_path)) == library
+    for name in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                 allocator.ALLOCATOR_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda dirs=None: None)
+    if platform.system() == "Linux":
+        note = allocator.missing_tcmalloc_note()
+        assert note is not None and "install" in note
+    monkeypatch.setenv(allocator.ALLOCATOR_ENV, "glibc")
+    assert allocator.missing_tcmalloc_note() is None  # the user chose glibc: nothing to say
+
+
+_REEXEC = r"""
+import os, sys
+from pi_lora.allocator import reexec_with_tcmalloc, tune_cpu_allocator
+print("pid", os.getpid(), flush=True)
+reexec_with_tcmalloc()
+print("allocator", tune_cpu_allocator(), flush=True)
+"""
+
+
+@pytest.mark.skipif(allocator.find_tcmalloc() is None, reason="tcmalloc not installed")
+def test_reexec_runs_the_same_command_with_tcmalloc() -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                        allocator.PRELOADED_ENV, allocator.ALLOCATOR_ENV)}
+    done = subprocess.run([sys.executable, "-c", _REEXEC], capture_output=True, text=True,
+                          env=env, check=True)
+    lines = done.stdout.splitlines()
+    # the command ran twice in one process (exec keeps the pid), the second time on tcmalloc
+    assert [line.split()[0] for line in lines] == ["pid", "pid", "allocator"], lines
+    assert lines[0] == lines[1]
+    assert lines[2].startswith("allocator tcmalloc ("), lines
+
+
+def test_train_names_a_bad_allocator_choice() -> None:
+    env = {**os.environ, allocator.ALLOCATOR_ENV: "fastest"}
+    done = subprocess.run([sys.executable, "-m", "pi_lora.cli", "train", "recipes/tiny.yaml"],
+                          capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr
+    assert allocator.ALLOCATOR_ENV in done.stderr and "Traceback" not in done.stderr

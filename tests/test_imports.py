@@ -54,6 +54,7 @@ LAYER: dict[str, int] = {
     "distributed": 4,
     "provenance": 4,
     "validate": 4,  # `pi-lora validate`
+    "recompute": 4,  # selective checkpointing: attention kept, not run twice
     "sequence_parallel": 4,  # DeepSpeed Ulysses: checks, sliced rows, the slice loss's share
     # 5: the run directory format: below train (which writes it) and merge/eval (which read it)
     "rundir": 5,

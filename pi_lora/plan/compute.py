@@ -55,7 +55,8 @@ def flops_per_token(shape: ModelShape, setup: Setup) -> float:
     if setup.tiled_mlp:  # TiledMLP runs each MLP's forward again in backward
         linear += 2 * 3 * shape.hidden * shape.intermediate * shape.layers
     attention_forward = 2 * shape.layers * shape.heads * shape.head_dim * setup.attention_span
-    return linear + (3 + ckpt) * attention_forward
+    recompute = ckpt if setup.recompute_attention else 0  # kept attention is not run again
+    return linear + (3 + recompute) * attention_forward
 
 
 def model_flops_per_token(shape: ModelShape, setup: Setup) -> float:

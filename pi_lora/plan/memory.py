@@ -252,6 +252,10 @@ def plan_memory(shape: ModelShape, setup: Setup, device: Device) -> MemoryPlan:
         if setup.offload_checkpoints:  # one layer's input is back on the device at a time
             stored = Term("checkpointed layer inputs (offloaded)", tokens * shape.hidden * e,
                           f"host keeps L x B x T x D x {e}; one layer's copy on the device")
+        if not setup.recompute_attention:
+            stored = Term(stored.name + " + kept attention outputs",
+                          int(stored.bytes + kept_attention_bytes(shape, setup)),
+                          stored.note + f"; + L x B x T x (H x hd x {e} + H x 4) kept attention")
     else:
         stored = Term("saved activations (no checkpointing)", shape.layers * per_layer,
                       "every layer keeps what autograd saved")
@@ -331,6 +335,13 @@ def _host_bytes(shape: ModelShape, setup: Setup) -> int:
     if setup.offload_checkpoints and setup.checkpointing:
         total += checkpoint_bytes(shape, setup) * setup.gpus_per_node
     return int(total)
+
+
+def kept_attention_bytes(shape: ModelShape, setup: Setup) -> float:
+    """training.recompute_attention false: every layer's attention output and softmax
+    log-sum-exp (fp32) stay from forward to backward (pi_lora/recompute.py)."""
+    tokens = setup.local_tokens
+    return shape.layers * tokens * shape.heads * (shape.head_dim * setup.dtype_bytes + 4)
 
 
 def checkpoint_bytes(shape: ModelShape, setup: Setup) -> float:

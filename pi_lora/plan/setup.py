@@ -40,6 +40,7 @@ class Setup:
     gguf: bool  # weights come from a GGUF file (dequantized while loading)
     sequence_parallel: int = 1  # processes sharing each sequence (DeepSpeed Ulysses)
     tiled_mlp: bool = False  # ALST's TiledMLP: no [T, F] intermediates saved
+    recompute_attention: bool = True  # False: attention outputs kept through checkpointing
 
     @property
     def world(self) -> int:
@@ -89,6 +90,7 @@ def setup_from_recipe(recipe: Recipe, *, gpus: int, nodes: int, device_kind: str
         lora_dropout=recipe.lora.dropout, extras=tuple(recipe.lora.trainable_extras),
         device_kind=device_kind, gguf=bool(m.gguf_file or m.name.endswith(".gguf")),
         sequence_parallel=t.sequence_parallel, tiled_mlp=t.tiled_mlp,
+        recompute_attention=t.recompute_attention,
     )
 
 
