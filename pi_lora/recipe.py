@@ -255,6 +255,13 @@ def _cross_checks(sections: dict[str, Any]) -> list[PiLoraError]:
                 "offloads the checkpointed layer inputs, so it needs checkpointing",
                 field="training.offload_checkpoints",
                 fix="set training.gradient_checkpointing: true, or drop offload_checkpoints"))
+        if not training.recompute_attention and not (
+                training.gradient_checkpointing and (model is None or model.attn_implementation == "sdpa")):
+            errors.append(PiLoraError(
+                "keeps sdpa's attention output through checkpointing: nothing to keep without "
+                "checkpointing, and eager / flash_attention_2 are not sdpa",
+                field="training.recompute_attention",
+                fix="use gradient_checkpointing: true and attn_implementation: sdpa, or drop it"))
         errors += _check_deepspeed_path(training.deepspeed)
         errors += _s2_checks(training, model, data)
         errors += _sequence_parallel_checks(training, model, data, rope)

@@ -82,3 +82,13 @@ def test_a_run_trains_with_kept_attention(tiny_models, write_recipe) -> None:
     assert RunDir(run).read_facts().status == "complete"
     # 2 layers x 2 steps x batch 1: forward only, nothing recomputed
     assert counter.calls == 2 * 2, counter.calls
+
+
+@pytest.mark.parametrize("overrides", [["training.gradient_checkpointing=false"],
+                                       ["model.attn_implementation=eager"]])
+def test_kept_attention_without_its_kernel_is_refused(overrides: list[str]) -> None:
+    from pi_lora.errors import PiLoraError
+
+    with pytest.raises(PiLoraError, match="recompute_attention"):
+        load_recipe(REPO / "recipes/llama2-7b-16k.yaml",
+                    ["training.recompute_attention=false", *overrides])
