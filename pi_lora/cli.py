@@ -69,13 +69,12 @@ def cmd_train(recipe_path: str, overrides: list[str], resume: bool, overwrite: b
 
 
 def _cpu_allocator() -> None:
-    """On a CPU, re-run this command with tcmalloc preloaded when it is installed
-    (pi_lora/allocator.py: the same peak as glibc tuned, without its page-fault bill)."""
-    import torch
-
+    """On a machine without GPUs, re-run this command with tcmalloc preloaded when it is
+    installed (pi_lora/allocator.py: the same peak as glibc tuned, without its page-fault
+    bill). Decided before torch is imported, so the re-run costs one interpreter start."""
     from pi_lora.allocator import reexec_with_tcmalloc
 
-    if not torch.cuda.is_available():
+    if not any(Path(device).exists() for device in ("/dev/nvidiactl", "/dev/kfd")):
         reexec_with_tcmalloc()
 
 
