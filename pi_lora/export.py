@@ -215,17 +215,17 @@ def run_converter(converter: Path, release: Path, out: Path, outtype: str, pytho
                           field="--python", fix=f"{python} -m pip install {' '.join(missing)}"
                           f"{pinned}, or pass --python with an interpreter that has them")
     command = [python, str(converter), str(release), "--outfile", str(out), "--outtype", outtype]
-    done = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
-        sys.stderr.write(done.stderr)
+        sys.stderr.write(done.stdout)
         raise PiLoraError(f"llama.cpp's converter failed (exit {done.returncode}): "
-                          f"{_last_error(done.stderr)}", field=str(converter),
+                          f"{_last_error(done.stdout)}", field=str(converter),
                           fix="read the converter's message above; an architecture llama.cpp "
                               "does not support cannot be exported")
 
 
-def _last_error(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+def _last_error(log: str) -> str:
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
     errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line)]
     return (errors or lines or ["no message"])[-1]
 
