@@ -125,7 +125,10 @@ def installed_versions(python: Path, names: list[str]) -> dict[str, str | None]:
             "def v(n):\n    try: return m.version(n)\n    except m.PackageNotFoundError: return None\n"
             "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
     done = subprocess.run([str(python), "-c", code, *names], capture_output=True, text=True)
-    return json.loads(done.stdout) if done.returncode == 0 else dict.fromkeys(names)
+    if done.returncode != 0:
+        return dict.fromkeys(names)
+    # the local label is the wheel's build, not its version: torch 2.13.0+cpu is torch==2.13.0
+    return {n: v and v.split("+")[0] for n, v in json.loads(done.stdout).items()}
 
 
 def ensure_venv(spec: Venv, root: Path) -> tuple[Path, float]:
