@@ -282,7 +282,12 @@ def export_release(release_dir: str | Path, gguf_path: str | Path, *, outtype: O
     script = find_converter(converter)
     with staged(out) as tmp:
         run_converter(script, release, tmp, outtype, python or sys.executable)
-        arch, found = read_rope(tmp)
+        try:
+            arch, found = read_rope(tmp)
+        except (OSError, ValueError, KeyError) as exc:  # gguf's reader on a file it cannot parse
+            raise PiLoraError(f"the converter exited 0 but its output is not a readable GGUF "
+                              f"({type(exc).__name__}: {exc}); nothing was written to {out}",
+                              field=str(script), fix="rerun the converter by hand to see why") from None
         problems = rope_mismatches(expected, found)
         if problems:
             raise PiLoraError(

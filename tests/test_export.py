@@ -2,8 +2,8 @@
 
 llama.cpp's converter is not a test dependency, so the fast tests run a stand-in converter
 (`convert_hf_to_gguf.py` written below) that writes a GGUF through gguf.GGUFWriter, with the
-converter's metadata keys, in four behaviours: faithful, dropping the scaling, changing the
-factor, crashing. The slow test runs the real converter (LLAMA_CPP_DIR) on a tiny Llama.
+converter's metadata keys, in five behaviours: faithful, dropping the scaling, changing the
+factor, crashing, exiting 0 over a file that is not GGUF. The slow test runs the real converter (LLAMA_CPP_DIR) on a tiny Llama.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ YARN = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 
 LINEAR = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
 
 # A stand-in for llama.cpp's converter: same command line, the same rope keys, no tensors of
-# note. FAKE_CONVERTER=drop|factor|crash makes it misbehave the way a real converter could.
+# note. FAKE_CONVERTER=drop|factor|crash|garbage makes it misbehave the way a real converter could.
 FAKE_CONVERTER = r'''
 import json, os, sys
 from pathlib import Path
@@ -37,9 +37,9 @@ mode = os.environ.get("FAKE_CONVERTER", "good")
 config = json.loads((release / "config.json").read_text())
 rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
 writer = gguf.GGUFWriter(out, "llama")
-if mode == "crash":
+if mode in ("crash", "garbage"):
     Path(out).write_bytes(b"half a file")
-    sys.exit("ValueError: unsupported tensor model.layers.0.mlp.gate")
+    sys.exit("ValueError: unsupported tensor model.layers.0.mlp.gate" if mode == "crash" else 0)
 writer.add_context_length(config["max_position_embeddings"])
 writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
 kind = rope.get("rope_type", "default")
@@ -139,6 +139,7 @@ def test_export_writes_a_checked_gguf_and_prints_how_to_serve_it(
     ("drop", "scaling: release yarn, GGUF none"),
     ("factor", "factor: release 2.0, GGUF 3.0"),
     ("crash", "converter failed (exit 1): ValueError: unsupported tensor"),
+    ("garbage", "exited 0 but its output is not a readable GGUF"),
 ])
 def test_a_converter_that_loses_the_scaling_publishes_nothing(
         release: Path, converter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
