@@ -278,10 +278,11 @@ def verdict(probe: str, result: dict[str, Any]) -> tuple[str, bool]:
                 f"{result['model_max_length']}, ids equal {result['tokenizer_ids_equal']}")
         ok = lp < 1e-3 and all_greedy and result["tokenizer_ids_equal"] and \
             result["model_max_length"] == TARGET
-        if "adapter_readme" in result:
+        if "adapter_readme" in result:  # item 1: the README's peft code reproduces the release
+            adapter = result.get("adapter_max_abs_logprob_diff", float("inf"))
             text += f"; adapter README {result['adapter_readme']}"
-            if "adapter_max_abs_logprob_diff" in result:
-                text += f" (logprob diff {result['adapter_max_abs_logprob_diff']:.1e})"
+            text += f" (logprob diff {adapter:.1e})" if adapter < float("inf") else ""
+            ok = ok and adapter < 1e-3
         return text, ok
     if probe == "vllm":
         text = (f"max_model_len {result['max_model_len']} (no flag), {greedy}, prompt logprob "
@@ -289,7 +290,7 @@ def verdict(probe: str, result: dict[str, Any]) -> tuple[str, bool]:
         return text, all_greedy and result["max_model_len"] == TARGET and result["nll_diff"] < 1e-3
     if probe == "llamacpp":
         meta = result["metadata"]
-        text = (f"GGUF {meta['rope.scaling.type']} x{meta['rope.scaling.factor']}, ctx "
+        text = (f"GGUF {meta['rope.scaling.type']} x{float(meta['rope.scaling.factor']):g}, ctx "
                 f"{meta['context_length']}, n_ctx {result['n_ctx']}; logprob max diff {lp:.1e}, "
                 f"NLL diff {result['nll_diff']:.1e}, {greedy}")
         return text, result["nll_diff"] < 1e-3 and int(meta["context_length"]) == TARGET
