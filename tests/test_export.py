@@ -3,7 +3,8 @@
 llama.cpp's converter is not a test dependency, so the fast tests run a stand-in converter
 (`convert_hf_to_gguf.py` written below) that writes a GGUF through gguf.GGUFWriter, with the
 converter's metadata keys, in five behaviours: faithful, dropping the scaling, changing the
-factor, crashing, exiting 0 over a file that is not GGUF. The slow test runs the real converter (LLAMA_CPP_DIR) on a tiny Llama.
+factor, crashing, exiting 0 over a file that is not GGUF. The slow test runs the real
+converter (LLAMA_CPP_DIR) on tiny Llamas.
 """
 
 from __future__ import annotations
