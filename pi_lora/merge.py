@@ -59,7 +59,7 @@ from pi_lora.release import (
     make_tokenizer_portable,
     release_provenance,
 )
-from pi_lora.rope import RopePlan, apply_rope
+from pi_lora.rope import RopePlan, apply_rope, with_legacy_rope_scaling
 from pi_lora.rundir import RunDir, RunFacts, load_extras
 from pi_lora.serving import pin_vllm_window
 from pi_lora.trained import load_trained
@@ -245,13 +245,7 @@ def _generation_config(recipe: Recipe, config: Any) -> Any:
 def _mirror_legacy_rope_scaling(config_path: Path, plan: RopePlan) -> None:
     """transformers < 5 reads `rope_scaling` + `rope_theta`; 5.x reads `rope_parameters`;
     vLLM's default window is pinned to the target (serving.py)."""
-    config = json.loads(config_path.read_text())
-    params = dict(plan.rope_parameters)
-    if params.get("rope_type", "default") != "default":
-        config["rope_scaling"] = {**{k: v for k, v in params.items() if k != "rope_theta"},
-                                  "type": params["rope_type"]}
-    config["rope_theta"] = params.get("rope_theta", plan.rope_theta)
-    config = pin_vllm_window(config, plan)
+    config = pin_vllm_window(with_legacy_rope_scaling(json.loads(config_path.read_text()), plan), plan)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -72,6 +72,7 @@ LAYER: dict[str, int] = {
     "card": 7,  # the release's model card
     "merge": 7,
     "merge_checks": 7,  # what merge settles before any work
+    "export": 7,  # `pi-lora export`: release -> GGUF by llama.cpp's converter, rope metadata checked
     "fold": 7,  # adapter + extras folded into the base, shard by shard
     "verify": 7,  # release == base + adapter, whole or layer by layer
     # 8: evaluation

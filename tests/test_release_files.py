@@ -67,6 +67,16 @@ def test_adapter_readme_code_reproduces_the_release(released) -> None:
     assert (_logits(naive, ids) - shipped).abs().max() > 1e-2
 
 
+def test_adapter_base_config_carries_the_legacy_scaling(released) -> None:
+    """transformers 4.x reads only `rope_scaling`: without it the README's code ran the adapter
+    unscaled there (the client matrix measured 11.6 off in log-probabilities, docs/clients.md)."""
+    run, release = released
+    base = json.loads((run.adapter_dir / "base_config" / "config.json").read_text())
+    shipped = json.loads((release / "config.json").read_text())
+    assert base["rope_scaling"] == shipped["rope_scaling"] == {
+        "rope_type": "linear", "factor": 2.0, "type": "linear"}
+    assert base["rope_theta"] == shipped["rope_theta"]
+
 def test_tokenizer_config_is_portable(released) -> None:
     from transformers import AutoTokenizer
 
