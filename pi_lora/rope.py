@@ -101,7 +101,6 @@ def detect_existing(config: Any) -> ExistingScaling | None:
     return ExistingScaling(rope_type, factor, int(original), source)
 
 
-
 def with_legacy_rope_scaling(config: dict[str, Any], plan: RopePlan) -> dict[str, Any]:
     """A config.json dict that transformers < 5 reads with the scaling too: it knows only
     `rope_scaling` + `rope_theta`, and without them runs a 5.x config unscaled, silently."""
@@ -112,6 +111,7 @@ def with_legacy_rope_scaling(config: dict[str, Any], plan: RopePlan) -> dict[str
                                     "type": params["rope_type"]}
     mirrored["rope_theta"] = params.get("rope_theta", plan.rope_theta)
     return mirrored
+
 
 # --------------------------------------------------------------------------- planning
 

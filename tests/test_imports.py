@@ -32,6 +32,7 @@ LAYER: dict[str, int] = {
     "runlock": 0,  # one process per run directory
     # 1: the typed input
     "schema": 1,  # the recipe's pydantic sections
+    "recipe_checks": 1,  # the checks between a recipe's sections
     "recipe": 1,
     # 2: what the recipe means for a model
     "dtypes": 2,

@@ -77,6 +77,7 @@ def test_adapter_base_config_carries_the_legacy_scaling(released) -> None:
         "rope_type": "linear", "factor": 2.0, "type": "linear"}
     assert base["rope_theta"] == shipped["rope_theta"]
 
+
 def test_tokenizer_config_is_portable(released) -> None:
     from transformers import AutoTokenizer
 
