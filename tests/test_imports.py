@@ -83,6 +83,7 @@ LAYER: dict[str, int] = {
     "plan": 9,
     "demo": 9,
     # 10: entry points and test helpers, which nothing in pi_lora imports
+    "commands": 10,  # what each pi-lora command does (only the cli imports it)
     "cli": 10,
     "testing": 10,
 }
