@@ -2,7 +2,8 @@
 
 Written for the hub: `base_model` is a hub id (never a local path), the licence is the base's,
 and the serving notes say how vLLM and llama.cpp must be started for the extended window (and
-when a rope method does not survive a stack).
+when a rope method does not survive a stack). `pi-lora eval` on the release adds its
+results (pi_lora.eval.card_results, between the EVAL_BEGIN / EVAL_END markers).
 """
 
 from __future__ import annotations
@@ -150,3 +151,23 @@ The full recipe is in `{RELEASE_RECIPE_FILE}`; the merge check in `{MERGE_REPORT
 {_provenance_table(provenance)}
 Machine-readable (with per-file hashes): `{PROVENANCE_FILE}`.
 """
+
+
+# `pi-lora eval` on a release writes its results between these markers; a later eval replaces them
+EVAL_BEGIN = "<!-- pi-lora eval: begin -->"
+EVAL_END = "<!-- pi-lora eval: end -->"
+
+
+def with_eval_section(card: str, section: str) -> str:
+    """The card with its evaluation section replaced (or added before Serving, else at the end).
+
+    Only the text between the markers is ever touched, so whatever a user edited elsewhere in
+    the card survives another eval."""
+    block = f"{EVAL_BEGIN}\n{section.strip()}\n{EVAL_END}\n"
+    start, end = card.find(EVAL_BEGIN), card.find(EVAL_END)
+    if start != -1 and end > start:
+        return card[:start] + block + card[end + len(EVAL_END):].lstrip("\n")
+    serving = card.find("\n## Serving")
+    if serving != -1:
+        return card[:serving + 1] + block + "\n" + card[serving + 1:]
+    return card.rstrip("\n") + "\n\n" + block

@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-passkey", action="store_true")
     p.add_argument("--no-ppl", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--no-card", action="store_true",
+                   help="leave release model cards as they are (default: a release's results "
+                        "replace the Evaluation section of its README.md)")
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("plan", parents=[common],

@@ -188,6 +188,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = run_eval(targets, settings, out)
     print(render_markdown(report))
     print(f"pi-lora: report written to {out}/report.md (numbers and protocol: {out}/report.json)")
+    if not args.no_card:
+        from pi_lora.eval.card_results import update_release_cards
+        from pi_lora.provenance import command_line
+
+        for note in update_release_cards(report, command_line()):
+            print(f"pi-lora: {note}")
     return 0
 
 

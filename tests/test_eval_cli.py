@@ -44,6 +44,27 @@ def test_eval_base_run_and_release_in_one_report(tiny_models, write_recipe, corp
                                                            rel=1e-3)
     assert (out / "report.md").read_text().count("![") >= 2
 
+    # the release's card now carries its own numbers (not the run's or the base's)
+    release = report["targets"][3]
+    card = (tmp_path / "rel" / "README.md").read_text()
+    section = card[card.index("## Evaluation"):card.index("## Serving")]
+    for length in ("128", "256"):
+        assert f"{release['perplexity']['by_length'][length]['ppl']:.2f}" in section
+    k_max = release["passkey"]["k_max"]
+    assert f"**k_max {k_max // 1024}k**" in section if k_max else "**k_max 0**" in section
+    assert "Command: `pi-lora eval" in section
+
+    # a second eval replaces the section; the user's own lines elsewhere survive; --no-card
+    (tmp_path / "rel" / "README.md").write_text(card + "\nMy own note.\n")
+    again = ["eval", str(tmp_path / "rel"), "--no-passkey", "--ppl-lengths", "64", "--stride", "32", "--docs",
+             str(corpus), "--max-windows", "1", "--dtype", "fp32"]
+    assert main([*again, "--out", str(tmp_path / "r2")]) == 0
+    card = (tmp_path / "rel" / "README.md").read_text()
+    assert card.count("## Evaluation") == 1 and "My own note." in card
+    assert "passkey accuracy" not in card and "| tokens | 64 |" in card
+    assert main([*again, "--ppl-lengths", "96", "--out", str(tmp_path / "r3"), "--no-card"]) == 0
+    assert (tmp_path / "rel" / "README.md").read_text() == card
+
 
 def test_eval_bad_options_exit_2(tiny_models, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
