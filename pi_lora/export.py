@@ -11,14 +11,13 @@ release's config.json before the file appears under its name.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from typing import Any, Literal
 from pi_lora.errors import PiLoraError
 from pi_lora.rope import flat_rope_parameters
 from pi_lora.rundir import RunDir
+from pi_lora.safe_paths import staged_file
 from pi_lora.serving import DYNAMIC_WARNING
 
 OutType = Literal["f16", "f32", "bf16", "q8_0"]
@@ -251,16 +251,6 @@ def check_inputs(release: Path, out: Path, overwrite: bool) -> None:
                           fix="choose a writable, existing directory")
 
 
-@contextlib.contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """A temporary file beside `out`, removed unless the caller renamed it into place."""
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def serving_commands(out: Path, facts: RopeFacts) -> list[str]:
     """llama.cpp's commands for the file: only the window is given; the scaling is in the file."""
     ctx = facts.context_length
@@ -280,7 +270,7 @@ def export_release(release_dir: str | Path, gguf_path: str | Path, *, outtype: O
     check_inputs(release, out, overwrite)
     expected = expected_rope(release)
     script = find_converter(converter)
-    with staged(out) as tmp:
+    with staged_file(out) as tmp:
         run_converter(script, release, tmp, outtype, python or sys.executable)
         try:
             arch, found = read_rope(tmp)

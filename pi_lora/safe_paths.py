@@ -6,13 +6,17 @@ replaced only when (a) it carries pi-lora's own marker (the caller says which: a
 release's) and (b) it is not the working directory, $HOME, or an ancestor of either, nor equal
 to or an ancestor of a path the caller protects (the recipe, the run being merged, the base
 model, the data). An empty directory is reused as it is. Everything else is a refusal.
+
+The other half: a file pi-lora publishes (a GGUF, a model card) is written beside its name and
+renamed into place (`staged_file`), so a failure or a kill never leaves half of one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from pi_lora.errors import PiLoraError
@@ -69,3 +73,14 @@ def remove_owned_dir(path: str | Path, *, owned: Callable[[Path], bool], what: s
     """Delete `path` after `check_replaceable` allowed it; an empty directory is kept as is."""
     if check_replaceable(path, owned=owned, what=what, protect=protect, field=field):
         shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def staged_file(out: Path) -> Iterator[Path]:
+    """A temporary path beside `out` (same file system, so os.replace is atomic), removed on
+    exit unless the caller renamed it onto `out`."""
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)

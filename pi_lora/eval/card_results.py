@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pi_lora.card import with_eval_section
-from pi_lora.eval.plots import format_length
+from pi_lora.eval.plots import format_length, format_ppl
 from pi_lora.release import is_release
+from pi_lora.safe_paths import staged_file
 
 CARD_FILE = "README.md"
 
@@ -30,28 +31,19 @@ def release_results(report: dict[str, Any]) -> dict[Path, dict[str, Any]]:
     return found
 
 
-def _ppl(entry: dict[str, Any] | None) -> str:
-    if entry is None:
-        return ""
-    return f"{entry['ppl']:.3g}" if entry["ppl"] >= 1000 else f"{entry['ppl']:.2f}"
-
-
 def _rows(target: dict[str, Any]) -> tuple[list[int], list[tuple[str, list[str]]]]:
     """The columns (every length measured) and one row per measurement."""
     ppl, passkey = target.get("perplexity"), target.get("passkey")
-    lengths: set[int] = set()
     rows: list[tuple[str, dict[int, str]]] = []
     if ppl is not None:
-        cells = {int(n): _ppl(e) for n, e in ppl["by_length"].items()}
+        cells = {int(n): format_ppl(e["ppl"]) for n, e in ppl["by_length"].items()}
         cells |= {int(n): "failed" for n in ppl["failures"]}
         rows.append(("perplexity", cells))
     if passkey is not None:
         cells = {int(n): f"{a:.0%}" for n, a in passkey["accuracy_by_length"].items()}
         cells |= {int(n): "failed" for n in passkey["failures"]}
         rows.append(("passkey accuracy", cells))
-    for _, cells in rows:
-        lengths |= cells.keys()
-    columns = sorted(lengths)
+    columns = sorted({n for _, cells in rows for n in cells})
     return columns, [(name, [cells.get(n, "") for n in columns]) for name, cells in rows]
 
 
@@ -94,12 +86,9 @@ def update_release_cards(report: dict[str, Any], command: list[str]) -> list[str
         try:
             card = card_path.read_text() if card_path.is_file() else ""
             updated = with_eval_section(card, eval_section(report, target, command))
-            staged = card_path.with_name(f".{CARD_FILE}.partial-{os.getpid()}")
-            try:  # a crash mid-write leaves the old card, never half of the new one
+            with staged_file(card_path) as staged:  # never half of the new card
                 staged.write_text(updated)
                 os.replace(staged, card_path)
-            finally:
-                staged.unlink(missing_ok=True)
         except OSError as exc:
             notes.append(f"{card_path} not updated ({exc.strerror or exc}): the numbers are in "
                          "the report only")

@@ -18,6 +18,11 @@ def format_length(tokens: int) -> str:
     return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
 
 
+def format_ppl(ppl: float) -> str:
+    """7.123 -> "7.12", 12345.6 -> "1.23e+04": two decimals until they stop meaning anything."""
+    return f"{ppl:.3g}" if ppl >= 1000 else f"{ppl:.2f}"
+
+
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -17,7 +17,7 @@ import transformers
 
 from pi_lora.eval import passkey, plots
 from pi_lora.eval.perplexity import PerplexityResult
-from pi_lora.eval.plots import format_length
+from pi_lora.eval.plots import format_length, format_ppl
 from pi_lora.eval.settings import EvalSettings
 from pi_lora.eval.texts import Document
 
@@ -242,7 +242,7 @@ def _ppl_cell(ppl_json: dict[str, Any], length: int) -> str:
     entry = ppl_json["by_length"].get(str(length))
     if entry is None:
         return ""
-    return f"{entry['ppl']:.3g}" if entry["ppl"] >= 1000 else f"{entry['ppl']:.2f}"
+    return format_ppl(entry["ppl"])
 
 
 def _passkey_section(report: dict[str, Any]) -> list[str]:
