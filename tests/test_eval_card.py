@@ -54,6 +54,7 @@ def test_section_goes_before_serving_and_is_replaced(release: Path) -> None:
         < card.index("## Serving")
     assert "| tokens | 8k | 16k |" in card and "| perplexity | 7.12 | 7.46 |" in card
     assert "| passkey accuracy | 100% | 95% |" in card and "**k_max 16k**" in card
+    assert f"Command: `pi-lora eval {release}`" in card
     assert "3 depths x 2 trials" in card and "on pg19-1" in card and "bfloat16 on cuda:0" in card
     assert card.startswith(CARD[:CARD.index("## Serving")])  # the rest kept as it was
 

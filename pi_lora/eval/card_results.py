@@ -10,6 +10,7 @@ is left as it is). The numbers are the report's, nothing recomputed.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def eval_section(report: dict[str, Any], target: dict[str, Any], command: list[s
             f"x {key['trials_per_cell']} trials per length (seed {key['seed']}), greedy, exact "
             f"match. **k_max {format_length(k_max) if k_max else 0}**: the longest length up to "
             f"which every length reaches at least {key['k_max_threshold']:.0%}.")
-    lines.append(f"- Command: `{' '.join(command)}`")
+    lines.append(f"- Command: `{shlex.join(command)}`")  # quoted: labels hold spaces
     return "\n".join(lines) + "\n"
 
 
