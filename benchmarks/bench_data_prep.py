@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pi_lora.plan.harness import print_result, run_worker, worker_env
+from benchmarks.harness import print_result, run_worker, worker_env
 
 REPO = Path(__file__).resolve().parents[1]
 PLAYS = REPO / "pi_lora" / "demo" / "data" / "plays.jsonl.gz"
@@ -125,17 +125,16 @@ def _smaps_rollup(pid: int) -> dict[str, int]:
 def worker(path: str, mode: str, num_proc: int | None, cache: str) -> None:
     from transformers import AutoTokenizer
 
-    from pi_lora.data import build_train_dataset
-    from pi_lora.plan.harness import peak_bytes
-    from pi_lora.recipe import DataSection
+    from benchmarks.harness import peak_bytes
+    from pi_lora.data.build import build_train_dataset
+    from pi_lora.recipe.loading import DataSection
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
     section = DataSection(files=[path], num_proc=num_proc, cache_dir=cache)
     sampler = TreePeak()
     started, cpu = time.time(), cpu_seconds()
     if mode == "legacy":
-        sys.path.insert(0, str(Path(__file__).parent))
-        import data_prep_legacy
+        from benchmarks import data_prep_legacy
 
         tokens = data_prep_legacy.build(section, tokenizer, SEQ_LEN, Path(cache))
     else:
@@ -158,9 +157,9 @@ def rank_worker(path: str, cache: str) -> None:
     """Under torchrun: build through pi-lora's barrier; say whether this rank built."""
     from transformers import AutoTokenizer, TrainingArguments
 
-    import pi_lora.data as data
-    from pi_lora.recipe import DataSection
-    from pi_lora.train import build_data_once
+    import pi_lora.data.build as data
+    from pi_lora.recipe.loading import DataSection
+    from pi_lora.train.assembly import build_data_once
 
     builds: list[int] = []
     build = data._build
@@ -183,15 +182,15 @@ def ranks(corpus: Path) -> list[dict[str, Any]]:
     """Two ranks under torchrun (gloo), fresh cache: one tokenizes, the other waits."""
     import subprocess
 
-    from pi_lora.distributed import free_port
-    from pi_lora.plan.harness import RESULT_PREFIX
+    from benchmarks.harness import RESULT_PREFIX
+    from pi_lora.train.distributed import free_port
 
     cache = Path(tempfile.mkdtemp(prefix="bench-data-ranks-"))
     env = worker_env(threads=1, extra={"HF_DATASETS_CACHE": str(cache / "hf"),
                                        "PI_LORA_CACHE": str(cache), "HF_DATASETS_OFFLINE": "1"})
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(free_port()), __file__, "--rank-worker", str(corpus),
-               "--cache", str(cache)]
+               "--master-port", str(free_port()), "-m", "benchmarks.bench_data_prep",
+               "--rank-worker", str(corpus), "--cache", str(cache)]
     try:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600,
                               check=False)

@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.harness import peak_bytes, print_result, reset_peak, run_worker, worker_env
 
-from pi_lora.plan.harness import peak_bytes, print_result, reset_peak, run_worker, worker_env  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SHAPES = {  # name -> (hidden, intermediate, layers, heads)
     "20M": (256, 768, 4, 4),  # the smoke test's size
@@ -47,9 +45,9 @@ def build(size: str, root: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from pi_lora.recipe import load_recipe
-    from pi_lora.rope import plan_rope
-    from pi_lora.rundir import RunDir, RunFacts, save_extras
+    from pi_lora.model.rope import plan_rope
+    from pi_lora.recipe.loading import load_recipe
+    from pi_lora.run.directory import RunDir, RunFacts, save_extras
     from pi_lora.testing import make_tokenizer, write_corpus
 
     hidden, inter, layers, heads = SHAPES[size]
@@ -118,7 +116,7 @@ def worker(mode: str, run: Path, out: Path) -> None:
 
         extra: dict[str, Any] = legacy_merge(run, out, "bf16", SHARD)
     else:
-        from pi_lora.merge import merge_run
+        from pi_lora.release.merge import merge_run
 
         report = merge_run(run, out, dtype="bf16", max_shard_size=SHARD,
                            verify="layers" if mode == "new" else "full")

@@ -3,14 +3,14 @@
     python benchmarks/bench_train_step.py --model smollm2 --lengths 1024,4096,8192
 
 Each (setting, length) runs in a fresh worker process (`--worker`, started and read through
-pi_lora.plan.harness), so the peak memory of one run (the worker's own VmHWM on CPU,
+benchmarks.harness), so the peak memory of one run (the worker's own VmHWM on CPU,
 max_memory_allocated on CUDA) cannot leak into the next; the settings alternate. The parent
 prints a markdown table with the ratios pi-lora / baseline.
 
 baseline  model(input_ids, labels=labels).loss.backward(), gradient checkpointing, sdpa.
 pi-lora   causal_lm_loss (chunked head + cross-entropy, no logits), checkpointing that keeps
           only the layer inputs (use_reentrant=False), optional S2-Attn (--s2-attn), and on CPU
-          the allocator setting `pi-lora train` applies (pi_lora.allocator: glibc's mmap
+          the allocator setting `pi-lora train` applies (pi_lora.core.allocator: glibc's mmap
           threshold fixed at 1 MiB, so freed activation blocks go back to the OS), or another
           one (--allocator).
 Both: LoRA r=8, alpha=16 on q,k,v,o; weights created or loaded directly in --dtype (auto: bf16
@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pi_lora.plan import harness
+from benchmarks import harness
 
 SETTINGS = ("baseline", "pi-lora")
 # glibc: a fixed mmap threshold sends every block >= 64 KiB to mmap, so a freed activation
@@ -118,12 +118,12 @@ def run_worker(args: argparse.Namespace) -> StepResult:
     """Load, wrap, run warmup + timed steps; everything a fresh process measures."""
     import torch
 
-    from pi_lora.dtypes import torch_dtype
+    from pi_lora.recipe.dtypes import torch_dtype
 
     torch.set_num_threads(args.threads)
     device = harness.default_device()
     if device == "cpu" and args.allocator_used == "pi-lora":
-        from pi_lora.allocator import tune_cpu_allocator
+        from pi_lora.core.allocator import tune_cpu_allocator
 
         args.allocator_used = f"pi-lora: {tune_cpu_allocator()}"
     if args.mem_limit_gb is not None:
@@ -180,7 +180,7 @@ def prepare_model(
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     model = get_peft_model(model, lora)
     if setting == "pi-lora" and s2_attn:
-        from pi_lora.attention import enable_s2_attention
+        from pi_lora.model.s2_attention import enable_s2_attention
 
         enable_s2_attention(model)
     return model.train()
@@ -188,7 +188,7 @@ def prepare_model(
 
 def load_model(name: str, seq_len: int, device: str, cache_dir: Path | None, dtype):
     """The real SmolLM2 (GGUF package, or its bf16 copy in cache_dir), or random Llama shapes
-    (tiny: harness.SHAPES' with a 1024-token vocabulary; llama2-7b: pi_lora.known_models' config).
+    (tiny: harness.SHAPES' with a 1024-token vocabulary; llama2-7b: pi_lora.model.known_models' config).
 
     Created directly in `dtype`: with bf16 no fp32 copy of the weights exists at any point.
     """
@@ -198,7 +198,7 @@ def load_model(name: str, seq_len: int, device: str, cache_dir: Path | None, dty
     if name == "smollm2":
         local = {"dtype": dtype, "attn_implementation": "sdpa"}
         if cache_dir is None:
-            from pi_lora.hub import SMOLLM2_GGUF_FILE
+            from pi_lora.model.packaged import SMOLLM2_GGUF_FILE
 
             local["gguf_file"] = SMOLLM2_GGUF_FILE
         source = _smollm2_dir() if cache_dir is None else str(smollm2_cache(cache_dir))
@@ -207,7 +207,7 @@ def load_model(name: str, seq_len: int, device: str, cache_dir: Path | None, dty
     if name == "tiny":
         config = harness.llama_config("tiny", vocab_size=1024, max_position_embeddings=positions)
     else:  # llama2-7b
-        from pi_lora.known_models import known_config
+        from pi_lora.model.known_models import known_config
 
         config = known_config("meta-llama/Llama-2-7b-hf")
         config.max_position_embeddings = positions
@@ -229,7 +229,7 @@ def convert_smollm2(cache_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pi_lora.hub import SMOLLM2_GGUF_FILE
+    from pi_lora.model.packaged import SMOLLM2_GGUF_FILE
 
     target = smollm2_cache(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(
@@ -243,7 +243,7 @@ def convert_smollm2(cache_dir: Path) -> None:
 
 
 def _smollm2_dir() -> str:
-    from pi_lora.hub import smollm2_gguf
+    from pi_lora.model.packaged import smollm2_gguf
 
     gguf = smollm2_gguf()
     if gguf is None:
@@ -263,7 +263,7 @@ def train_step(model, optimizer, input_ids, setting: str, chunk_tokens: int) -> 
     if setting == "baseline":
         loss = model(input_ids=input_ids, labels=input_ids).loss
     else:
-        from pi_lora.loss import causal_lm_loss
+        from pi_lora.train.loss import causal_lm_loss
 
         loss = causal_lm_loss(model, input_ids, input_ids, chunk_tokens=chunk_tokens)
     loss.backward()
@@ -358,7 +358,7 @@ def _mfu(flops: float, seconds: float, device: str) -> float | None:
 def allocator_env(choice: str) -> tuple[str, dict[str, str]]:
     """(name, environment additions) for the pi-lora worker's CPU allocator.
 
-    pi-lora: the worker applies pi_lora.allocator itself, as `pi-lora train` does.
+    pi-lora: the worker applies pi_lora.core.allocator itself, as `pi-lora train` does.
     """
     library = next((path for path in MIMALLOC_PATHS if Path(path).exists()), None)
     if choice == "pi-lora":
@@ -537,7 +537,7 @@ def _prepare_cache(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    args.dtype = harness.resolve_dtype(args.dtype)  # auto: pi_lora.dtypes.auto_dtype's choice
+    args.dtype = harness.resolve_dtype(args.dtype)  # auto: pi_lora.recipe.dtypes.auto_dtype's choice
     if args.convert:
         convert_smollm2(args.cache_dir)
         return

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pi_lora.data import load_raw
-from pi_lora.recipe import DataSection
+from pi_lora.data.build import load_raw
+from pi_lora.recipe.loading import DataSection
 
 
 def token_stream(raw: Any, tokenizer: Any, field: str) -> Iterator[int]:

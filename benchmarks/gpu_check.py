@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from gpu_stages import (
+from benchmarks.gpu_stages import (
     GIB,
     INF,
     REPO,
@@ -164,7 +164,7 @@ def prepare_environment() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
                       TOKENIZERS_PARALLELISM="false")
-    sys.path[:0] = [str(SITE), str(REPO), str(Path(__file__).resolve().parent)]
+    sys.path.insert(0, str(SITE))  # the carried wheels before the image's own packages
 
 
 def _interrupt(signum: int, frame: Any) -> None:

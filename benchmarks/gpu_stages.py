@@ -170,7 +170,7 @@ def bench_worker(ctx: Context, args: argparse.Namespace, setting: str, seq_len: 
     """One (setting, length) in a fresh worker process, killed when the time is up."""
     import bench_train_step as bench
 
-    from pi_lora.plan import harness
+    from benchmarks import harness
 
     if ctx.left() <= 1:
         raise StageTimeout(f"no time left for {setting} @ {seq_len}")
@@ -207,7 +207,7 @@ def plan_recipe_for(name: str, seq_len: int, work: Path, dtype: str = "bf16", *,
     one sequence. Rope `none`: the rope method does not move memory."""
     import yaml
 
-    from pi_lora.recipe import load_recipe
+    from pi_lora.recipe.loading import load_recipe
 
     model: dict[str, Any] = {"name": name, "dtype": dtype}
     if bits:
@@ -241,8 +241,8 @@ def measurable_peak(plan: Any, on_gpu: bool) -> int:
 
 def stage_plan(ctx: Context) -> dict[str, Any]:
     """The planner beside each measured bench peak, and its max context on one 80 GB H100."""
+    from benchmarks.harness import llama_config
     from pi_lora.plan import GPUS, plan_recipe
-    from pi_lora.plan.harness import llama_config
 
     rows = []
     for run in (r for r in ctx.results.get("bench", {}).get("runs", []) if r.get("status") == "ok"):
@@ -305,7 +305,7 @@ def stage_max_context(ctx: Context) -> dict[str, Any]:
 def stage_smollm2(ctx: Context) -> dict[str, Any]:
     """SmolLM2-135M 8k -> 32k: 100 steps of full 32k rows, merge, passkey at 8k-32k beside
     the base. On a dry run the recipe with its overrides is only validated."""
-    from pi_lora.hub import smollm2_gguf
+    from pi_lora.model.packaged import smollm2_gguf
 
     gguf = smollm2_gguf()
     if gguf is None:

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from pi_lora.dtypes import TORCH_DTYPES
-from pi_lora.rundir import RunDir
-from pi_lora.trained import load_trained
+from pi_lora.recipe.dtypes import TORCH_DTYPES
+from pi_lora.run.directory import RunDir
+from pi_lora.run.trained import load_trained
 
 
 def legacy_merge(run_path: Path, out: Path, dtype: str, max_shard_size: str) -> dict[str, Any]:

@@ -27,21 +27,21 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from pi_lora.errors import EXIT_USER_ERROR, PiLoraError
+from pi_lora.core.errors import EXIT_USER_ERROR, PiLoraError
 from pi_lora.eval.plots import format_length
 from pi_lora.eval.runner import EvalTarget, resolve_dtype, run_eval
 from pi_lora.eval.settings import EvalSettings
 from pi_lora.eval.texts import load_kjv_text
-from pi_lora.hub import SMOLLM2_GGUF_FILE, SMOLLM2_PACKAGE, smollm2_gguf
-from pi_lora.model import load_config, load_model
-from pi_lora.recipe import ModelSection
-from pi_lora.rope import rope_override
+from pi_lora.model.loading import load_config, load_model
+from pi_lora.model.packaged import SMOLLM2_GGUF_FILE, SMOLLM2_PACKAGE, smollm2_gguf
+from pi_lora.model.rope import rope_override
+from pi_lora.recipe.loading import ModelSection
 
 PACKAGE = SMOLLM2_PACKAGE
 GGUF_FILE = SMOLLM2_GGUF_FILE
 ORIGINAL_CONTEXT = 8192
 TOLERANCE = 0.05
-METHODS = {  # our name -> (pi_lora.rope method, label in the reference table)
+METHODS = {  # our name -> (pi_lora.model.rope method, label in the reference table)
     "plain": ("none", "plain RoPE (extrapolation)"),
     "linear": ("linear", "linear PI"),
     "dynamic": ("dynamic", "dynamic NTK"),
@@ -56,7 +56,7 @@ REFERENCE_PPL: dict[str, dict[int, float]] = {  # reference.md, measured there o
 
 
 def smollm2_dir() -> Path:
-    """The installed package's directory (pi_lora.hub finds it without importing it)."""
+    """The installed package's directory (pi_lora.model.packaged finds it without importing it)."""
     gguf = smollm2_gguf()
     if gguf is None:
         raise PiLoraError(
@@ -74,7 +74,7 @@ def reference_factor(length: int) -> float:
 def smollm2_target(method: str, factor: float, dtype: torch.dtype, tokenizer) -> EvalTarget:
     """A zero-shot target whose config carries the rope plan of `method` at `factor`.
 
-    Loaded through pi_lora.model.load_model, as `pi-lora eval` loads a base: GGUF blocks are
+    Loaded through pi_lora.model.loading.load_model, as `pi-lora eval` loads a base: GGUF blocks are
     dequantized on load (transformers 5 otherwise keeps them packed and dequantizes inside
     every matmul, several times slower).
     """

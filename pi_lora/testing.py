@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-# the real model's locator lives with model loading (pi_lora.hub); re-exported for old callers
-from pi_lora.hub import SMOLLM2_GGUF_FILE as SMOLLM2_GGUF_FILE
-from pi_lora.hub import smollm2_gguf as smollm2_gguf
+# the real model's locator lives with model loading (pi_lora.model.packaged); re-exported for old callers
+from pi_lora.model.packaged import SMOLLM2_GGUF_FILE as SMOLLM2_GGUF_FILE
+from pi_lora.model.packaged import smollm2_gguf as smollm2_gguf
 
 _WORDS = (
     "the a one every old young quick slow red blue green river stone house king queen horse bird "

@@ -43,7 +43,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture()
 def write_recipe(tmp_path: Path, corpus: Path) -> Any:
     """Write a tiny recipe for `model_dir` with overrides merged in; returns its path."""
-    from pi_lora.recipe import deep_merge
+    from pi_lora.recipe.loading import deep_merge
 
     def write(model_dir: Path, name: str = "recipe.yaml", **sections: Any) -> Path:
         recipe = {

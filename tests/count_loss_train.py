@@ -1,4 +1,4 @@
-"""`pi-lora train ARGS`, counting calls of pi_lora.loss.causal_lm_loss per rank.
+"""`pi-lora train ARGS`, counting calls of pi_lora.train.loss.causal_lm_loss per rank.
 
 Started by torchrun from tests/test_distributed.py: each rank keeps its count in
 $LOSS_CALLS_DIR/rank<RANK>, so the test sees which loss path every rank ran.
@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pi_lora.loss
+import pi_lora.train.loss
 from pi_lora.cli import main
 
 calls = [0]
-_chunked = pi_lora.loss.causal_lm_loss
+_chunked = pi_lora.train.loss.causal_lm_loss
 
 
 def _counted(*args: Any, **kwargs: Any) -> Any:
@@ -24,7 +24,7 @@ def _counted(*args: Any, **kwargs: Any) -> Any:
     return _chunked(*args, **kwargs)
 
 
-pi_lora.loss.causal_lm_loss = _counted
+pi_lora.train.loss.causal_lm_loss = _counted
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-import pi_lora.train
+import pi_lora.train.assembly
 from pi_lora.cli import main
 
 CRASH_AT_STEP = int(os.environ["CRASH_AT_STEP"])
@@ -25,7 +25,7 @@ class _Crash(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-_build_trainer = pi_lora.train._build_trainer
+_build_trainer = pi_lora.train.assembly._build_trainer
 
 
 def _build_crashing_trainer(*args: Any, **kwargs: Any) -> Any:
@@ -34,7 +34,7 @@ def _build_crashing_trainer(*args: Any, **kwargs: Any) -> Any:
     return trainer
 
 
-pi_lora.train._build_trainer = _build_crashing_trainer
+pi_lora.train.assembly._build_trainer = _build_crashing_trainer
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pi_lora.known_models import config_for_planning
-from pi_lora.model import apply_sliding_window, attention_window, wrap_lora
+from pi_lora.model.known_models import config_for_planning
+from pi_lora.model.loading import apply_sliding_window, attention_window, wrap_lora
 from pi_lora.plan import get_device, plan_recipe
-from pi_lora.recipe import load_recipe
-from pi_lora.sequence_parallel import data_parallel_size
-from pi_lora.trainer import loss_route
+from pi_lora.recipe.loading import load_recipe
+from pi_lora.train.sequence_parallel import data_parallel_size
+from pi_lora.train.trainer import loss_route
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SHIPPED = sorted(p for p in RECIPE_DIR.glob("*.yaml") if p.name != "tiny.yaml")

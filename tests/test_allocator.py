@@ -1,4 +1,4 @@
-"""pi_lora.allocator: freed activation-sized blocks leave the resident set on CPU."""
+"""pi_lora.core.allocator: freed activation-sized blocks leave the resident set on CPU."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from pi_lora.allocator import tune_cpu_allocator
+from pi_lora.core.allocator import tune_cpu_allocator
 
 # A step's pattern: a large free first (glibc then raises its mmap threshold to that size), then
 # 4 MiB activations interleaved with small long-lived tensors, then the activations are freed.
 _PATTERN = r"""
 import json, sys, torch
 if sys.argv[1] == "tuned":
-    from pi_lora.allocator import tune_cpu_allocator
+    from pi_lora.core.allocator import tune_cpu_allocator
     tune_cpu_allocator()
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
@@ -72,8 +72,8 @@ def test_user_choice_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ------------------------------------------------------------------ tcmalloc, where installed
-from pi_lora import allocator  # noqa: E402
-from pi_lora.errors import PiLoraError  # noqa: E402
+from pi_lora.core import allocator  # noqa: E402
+from pi_lora.core.errors import PiLoraError  # noqa: E402
 
 
 def _fake_library(tmp_path: Path) -> Path:
@@ -122,7 +122,7 @@ def test_find_tcmalloc_and_the_missing_note(tmp_path: Path, monkeypatch: pytest.
 
 _REEXEC = r"""
 import os, sys
-from pi_lora.allocator import reexec_with_tcmalloc, tune_cpu_allocator
+from pi_lora.core.allocator import reexec_with_tcmalloc, tune_cpu_allocator
 print("pid", os.getpid(), flush=True)
 reexec_with_tcmalloc()
 print("allocator", tune_cpu_allocator(), flush=True)

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from pi_lora.attention import (
+from pi_lora.model.s2_attention import (
     disable_s2_attention,
     enable_s2_attention,
     register_s2_attention,

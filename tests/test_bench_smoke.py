@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_markdown_table(text: str) -> list[dict[str, str]]:
@@ -18,9 +18,11 @@ def parse_markdown_table(text: str) -> list[dict[str, str]]:
 
 
 def test_benchmark_table_on_tiny_model():
-    command = [sys.executable, str(SCRIPT), "--model", "tiny", "--lengths", "128", "--warmup", "0"]
+    command = [sys.executable, "-m", "benchmarks.bench_train_step", "--model", "tiny",
+               "--lengths", "128", "--warmup", "0"]
     command.append("--parallel")  # both workers at once: ~15 s on an idle 2-core machine
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
+                          cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = parse_markdown_table(done.stdout)
     assert [(row["seq_len"], row["setting"]) for row in rows] == [
@@ -39,9 +41,9 @@ def test_benchmark_table_on_tiny_model():
 
 def test_merge_benchmark_on_a_small_model() -> None:
     """bench_merge builds a sharded base + run, merges both ways in workers, prints the table."""
-    script = SCRIPT.parent / "bench_merge.py"
-    command = [sys.executable, str(script), "--sizes", "20M", "--modes", "old,new"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    command = [sys.executable, "-m", "benchmarks.bench_merge", "--sizes", "20M", "--modes", "old,new"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
+                          cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = parse_markdown_table(done.stdout)
     assert row["size"] == "20M"

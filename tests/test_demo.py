@@ -13,7 +13,7 @@ from pi_lora.demo.base import BaseSpec, make_config, train_tokenizer
 from pi_lora.demo.corpus import EVAL_PLAYS, load_plays, markdown_to_text, split_plays
 from pi_lora.demo.passkey import passkey_document, passkey_text
 from pi_lora.eval.passkey import SEPARATOR, build_prompt
-from pi_lora.recipe import load_recipe
+from pi_lora.recipe.loading import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 

@@ -22,10 +22,10 @@ import yaml
 from safetensors.torch import load_file
 
 from pi_lora.cli import main
-from pi_lora.distributed import adapt_deepspeed_config, free_port, prebuild_deepspeed_ops
-from pi_lora.launch import LaunchPlan, launcher_command, needs_launch
-from pi_lora.recipe import deep_merge, load_recipe
-from pi_lora.rundir import RunDir
+from pi_lora.recipe.loading import deep_merge, load_recipe
+from pi_lora.run.directory import RunDir
+from pi_lora.train.distributed import adapt_deepspeed_config, free_port, prebuild_deepspeed_ops
+from pi_lora.train.launch import LaunchPlan, launcher_command, needs_launch
 
 pytest.importorskip("deepspeed")
 
@@ -113,7 +113,7 @@ def _assert_same_saved(run: Path, reference: Path) -> float:
 
 @pytest.fixture(scope="module")
 def single_process_run(recipes: Any) -> Path:
-    from pi_lora.train import train
+    from pi_lora.train.assembly import train
 
     path = recipes("single", training={"gradient_accumulation_steps": 2})
     return train(load_recipe(path))
@@ -272,8 +272,8 @@ def test_no_relaunch_under_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_deepspeed_config_adapted_to_cpu() -> None:
-    from pi_lora.distributed import load_deepspeed_config
-    from pi_lora.recipe import resolve_deepspeed_config
+    from pi_lora.recipe.loading import resolve_deepspeed_config
+    from pi_lora.train.distributed import load_deepspeed_config
 
     offload = load_deepspeed_config(resolve_deepspeed_config("zero3_offload"))
     adapted = adapt_deepspeed_config(offload, has_cuda=False)
@@ -286,7 +286,7 @@ def test_deepspeed_config_adapted_to_cpu() -> None:
 
 
 def test_bf16_recipe_builds_trainer_arguments_on_cpu(recipes: Any) -> None:
-    from pi_lora.train import training_arguments
+    from pi_lora.train.assembly import training_arguments
 
     recipe = load_recipe(recipes("bf16", training={"precision": "bf16"}))
     args = training_arguments(recipe, RunDir(recipe.output_dir))

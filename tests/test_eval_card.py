@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pi_lora.card import EVAL_BEGIN, EVAL_END, with_eval_section
 from pi_lora.eval.card_results import eval_section, update_release_cards
-from pi_lora.release import RELEASE_RECIPE_FILE
+from pi_lora.release.files import RELEASE_RECIPE_FILE
+from pi_lora.release.model_card import EVAL_BEGIN, EVAL_END, with_eval_section
 
 CARD = "---\nlicense: mit\n---\n# model\n\nintro\n\n## Serving at 16,384 tokens\n\n- vLLM\n"
 

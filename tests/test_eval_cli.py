@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pi_lora.cli import main
-from pi_lora.errors import PiLoraError
+from pi_lora.core.errors import PiLoraError
 from pi_lora.eval.targets import RopeSpec, parse_length
 
 

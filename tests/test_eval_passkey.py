@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from pi_lora.errors import PiLoraError
+from pi_lora.core.errors import PiLoraError
 from pi_lora.eval import passkey
 
 

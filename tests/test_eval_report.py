@@ -11,10 +11,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pi_lora import dtypes
 from pi_lora.eval import passkey
 from pi_lora.eval.runner import EvalTarget, has_stateful_rope, run_eval
 from pi_lora.eval.settings import EvalSettings
+from pi_lora.recipe import dtypes
 from pi_lora.testing import tiny_config
 
 TEXT = " ".join([passkey.INSTRUCTION, passkey.FILLER * 4, passkey.QUESTION, "0123456789"])
@@ -147,7 +147,7 @@ def test_eval_dataset_is_the_recipe_source_with_a_named_split(tmp_path: Path,
     """One DatasetSource for recipes and eval; eval refuses a split it would have to guess
     (the recipe default "train" would flatter a model) and passes the revision on."""
     from pi_lora.eval import texts
-    from pi_lora.recipe import DatasetSource
+    from pi_lora.recipe.loading import DatasetSource
 
     with pytest.raises(ValueError, match="name the split"):
         EvalSettings(passkey=False, dataset={"name": "org/corpus"})

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from pi_lora import export
 from pi_lora.cli import main
-from pi_lora.errors import PiLoraError
-from pi_lora.export import RopeFacts, expected_rope, read_rope, rope_mismatches
+from pi_lora.core.errors import PiLoraError
+from pi_lora.release import gguf_export as export
+from pi_lora.release.gguf_export import RopeFacts, expected_rope, read_rope, rope_mismatches
 
 YARN = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128,
         "rope_theta": 10000.0, "beta_fast": 32.0, "beta_slow": 1.0}
@@ -193,7 +193,7 @@ def test_the_converter_is_found_by_env_or_module(converter: Path, tmp_path: Path
 
 
 def test_a_run_directory_is_sent_to_merge(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from pi_lora.rundir import FACTS_FILE, RECIPE_FILE
+    from pi_lora.run.directory import FACTS_FILE, RECIPE_FILE
 
     run = tmp_path / "run"
     run.mkdir()
@@ -213,8 +213,8 @@ def test_llama_cpp_converter_writes_the_scaling(tiny_models, tmp_path: Path) -> 
     directory = os.environ.get(export.CONVERTER_ENV)
     if not directory:
         pytest.skip(f"set {export.CONVERTER_ENV} to a llama.cpp directory (make clients does)")
-    from pi_lora.hub import SMOLLM2_GGUF_FILE, smollm2_gguf
-    from pi_lora.release import make_tokenizer_portable
+    from pi_lora.model.packaged import SMOLLM2_GGUF_FILE, smollm2_gguf
+    from pi_lora.release.files import make_tokenizer_portable
 
     gguf_file = smollm2_gguf()
     if gguf_file is None:

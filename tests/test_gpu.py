@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from pi_lora.cli import main
-from pi_lora.recipe import deep_merge, load_recipe
-from pi_lora.train import train
+from pi_lora.recipe.loading import deep_merge, load_recipe
+from pi_lora.train.assembly import train
 
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parent.parent
@@ -193,9 +193,9 @@ def _assert_close_to_max(ours: dict[str, torch.Tensor], theirs: dict[str, torch.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_loss_on_cuda_matches_full_logits(device, dtype: torch.dtype,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from pi_lora.loss import causal_lm_loss
+    from pi_lora.train.loss import causal_lm_loss
 
-    monkeypatch.setattr("pi_lora.loss._liger_available", lambda: False)  # the chunked path
+    monkeypatch.setattr("pi_lora.train.loss._liger_available", lambda: False)  # the chunked path
     model = _lora_model(dtype, device)
     ids, labels = _tokens(device)
     chunked = _loss_and_grads(model, lambda: causal_lm_loss(model, ids, labels, chunk_tokens=97))
@@ -205,7 +205,7 @@ def test_chunked_loss_on_cuda_matches_full_logits(device, dtype: torch.dtype,
 
 def test_liger_fused_loss_matches_the_chunked_loss(cuda, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("liger_kernel", reason="liger-kernel is not installed")
-    import pi_lora.loss as loss_module
+    import pi_lora.train.loss as loss_module
 
     assert loss_module._liger_available()
     model = _lora_model(torch.bfloat16, cuda)
@@ -225,7 +225,7 @@ S2_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 def test_s2_attention_on_cuda_matches_the_mask_reference(device, dtype: torch.dtype) -> None:
     from test_attention import FakeAttention, qkv, reference_s2
 
-    from pi_lora.attention import s2_attention_forward
+    from pi_lora.model.s2_attention import s2_attention_forward
 
     query, key, value = qkv(length=512, heads=8, kv_heads=2, dim=64)
     expected = reference_s2(query, key, value, 128)  # group = 512 x the default 0.25
@@ -289,7 +289,7 @@ def test_qlora_trains_and_merges_on_cuda(cuda, tiny_models, write_recipe, tmp_pa
     settings = {"model": {"quantization": {"bits": 4}}, "training": {"max_steps": 2}}
     run = _train(write_recipe, tmp_path, tiny_models("llama"), "qlora", **settings)
     assert all(math.isfinite(loss) for loss in _losses(run))
-    from pi_lora.merge import merge_run
+    from pi_lora.release.merge import merge_run
 
     report = merge_run(run, tmp_path / "release", dtype="fp32", verify="full")
     assert report.quantized_base and report.relative_diff <= report.tolerance
@@ -332,7 +332,7 @@ def test_zero3_on_nccl_saves_full_adapters(cuda, config: str, tiny_models, write
 
 
 def test_default_nproc_is_one_process_per_gpu(cuda, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pi_lora.launch import LAUNCHED_VARIABLE, LaunchPlan, needs_launch
+    from pi_lora.train.launch import LAUNCHED_VARIABLE, LaunchPlan, needs_launch
 
     for name in (LAUNCHED_VARIABLE, "RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -347,7 +347,7 @@ def test_default_nproc_is_one_process_per_gpu(cuda, monkeypatch: pytest.MonkeyPa
 def _plan_cases(device: torch.device) -> tuple[Any, ...]:
     """A medium random Llama (512 wide, 8 layers, 32k vocab, bf16) with the chunked loss
     and with full logits on CUDA; the CI's tiny case on the CPU rehearsal."""
-    from pi_lora.plan.validation import Case
+    from benchmarks.plan_validation import Case
 
     if device.type == "cpu":
         return (Case("tiny", 256),)
@@ -368,8 +368,8 @@ def test_plan_predicts_the_measured_peak(device, tmp_path: Path,
                                          record_property: Callable[[str, Any], None]) -> None:
     """`pi-lora plan` against a fresh worker's measured step peak (max_memory_allocated on
     CUDA), within the 15% the CPU validation holds the plan to (docs/plan.md)."""
+    from benchmarks.plan_validation import TOLERANCE, case_recipe, measure
     from pi_lora.plan import plan_recipe
-    from pi_lora.plan.validation import TOLERANCE, case_recipe, measure
 
     for case in _plan_cases(device):
         path = case_recipe(case, tmp_path)

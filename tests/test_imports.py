@@ -17,79 +17,32 @@ import pytest
 PACKAGE = "pi_lora"
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 
-# Where each module sits in the data flow; a module may import only from its own layer or
-# lower ones. Keys are names inside pi_lora; a package's key (`eval`) covers its __init__ and
-# every submodule, and a longer key (`eval.passkey`) would override it for one submodule.
-# A new module goes in the row of the stage it serves.
+# Where each package sits in the data flow; a module may import only from its own package's
+# layer or lower ones. One row per stage package: the path of a file says its stage. Keys are
+# names inside pi_lora; a longer key would override a package's row for one submodule. A new
+# module goes in the package of the stage it serves; a new flat module needs a row of its own.
 LAYER: dict[str, int] = {
-    # 0: foundations any stage may use
     "__init__": 0,  # pi_lora/__init__.py: __version__
-    "errors": 0,
-    "digest": 0,
-    "quiet": 0,
-    "safe_yaml": 0,  # bounded YAML reading, duplicate keys refused
-    "safe_paths": 0,  # the one gate before deleting a directory (--overwrite)
-    "runlock": 0,  # one process per run directory
-    # 1: the typed input
-    "schema": 1,  # the recipe's pydantic sections
-    "recipe_checks": 1,  # the checks between a recipe's sections
-    "recipe": 1,
-    # 2: what the recipe means for a model
-    "dtypes": 2,
-    "rope": 2,
-    "longrope_factors": 2,  # LongRoPE per-frequency factors: curves, checks, search operators
-    "serving": 2,  # what vLLM / GGUF make of a release config: default window, lost methods
-    # 3: loading the model and the data
-    "model": 3,
-    "known_models": 3,  # offline configs of the models shipped recipes name
-    "hub": 3,  # locally installed weights (SmolLM2 GGUF), found without downloading
-    "data": 3,
-    "packing": 3,  # Arrow tokenizing and packing that data assembles
-    "checkpoint": 3,  # the base's weights read tensor by tensor (safetensors shards, GGUF)
-    "records": 3,  # local data files' records: checked, diagnosed, chat layouts mapped
-    "pose": 3,  # PoSE position ids: short rows that teach the whole target window
-    # 4: training machinery and the record of what went in
-    "loss": 4,
-    "attention": 4,
-    "allocator": 4,
-    "distributed": 4,
-    "provenance": 4,
-    "validate": 4,  # `pi-lora validate`
-    "recompute": 4,  # selective checkpointing: attention kept, not run twice
-    "sequence_parallel": 4,  # DeepSpeed Ulysses: checks, sliced rows, the slice loss's share
-    # 5: the run directory format: below train (which writes it) and merge/eval (which read it)
-    "rundir": 5,
-    "adapter_card": 5,  # the adapter directory's README and scaled base config
-    "integrity": 5,  # the base model still the one a run trained on (merge, eval)
-    # 6: training
-    "trainer": 6,  # the Trainer subclass train assembles
-    "train": 6,
-    "train_args": 6,  # TrainingArguments, DeepSpeed config and progress line from the recipe
-    "launch": 6,
-    "outcome": 6,  # a failed run recorded as failed; disk full as one user error
-    # 7: a trained run -> a release
-    "trained": 7,
-    "release": 7,
-    "card": 7,  # the release's model card
-    "merge": 7,
-    "merge_checks": 7,  # what merge settles before any work
-    "export": 7,  # `pi-lora export`: release -> GGUF by llama.cpp's converter, rope metadata checked
-    "fold": 7,  # adapter + extras folded into the base, shard by shard
-    "verify": 7,  # release == base + adapter, whole or layer by layer
-    # 8: evaluation
-    "eval": 8,
-    "longrope_search": 8,  # `pi-lora search`: LongRoPE factors scored by the evaluator
-    # 9: planning and the demo (built on eval's passkey)
-    "plan": 9,
-    "demo": 9,
-    # 10: entry points and test helpers, which nothing in pi_lora imports
-    "commands": 10,  # what each pi-lora command does (only the cli imports it)
-    "cli": 10,
-    "testing": 10,
+    "core": 0,  # errors, safe YAML and paths, the run lock, digests, quiet, allocator
+    "recipe": 1,  # schema, loading (extends, --set), cross-section checks, dtypes
+    "model": 2,  # loading the base, rope, LongRoPE factors, S2-Attn, base weights, known models
+    "data": 3,  # files/hub -> tokenized, packed rows; PoSE; data-file records
+    "run": 4,  # the run directory and its reader, provenance, integrity, loading a trained run
+    "train": 5,  # the Trainer assembled; loss, recompute, SP, launch, preflight (validate)
+    "release": 6,  # merge, fold, verification, release files, model card, GGUF export
+    "eval": 7,  # perplexity, passkey, reports
+    "search": 8,  # LongRoPE search, scored by the evaluator
+    "plan": 9,  # the planner
+    "demo": 9,  # the offline CPU demo (built on eval's passkey)
+    "cli": 10,  # entry point: nothing in pi_lora imports it
+    "testing": 10,  # test helpers: nothing in pi_lora imports them
 }
 
+# At most this many modules sit flat under pi_lora/ (the rest live in stage packages).
+MAX_FLAT_MODULES = 8
+
 # imported by nothing inside pi_lora (beyond themselves): entry points and test helpers
-FORBIDDEN_MODULES = (f"{PACKAGE}.cli", f"{PACKAGE}.testing")
+FORBIDDEN_MODULES = (f"{PACKAGE}.cli", f"{PACKAGE}.testing")  # and what lies inside them
 # top-level names outside the package that production code must never import
 FORBIDDEN_OUTSIDE = ("benchmarks", "tests", "conftest")
 
@@ -264,11 +217,18 @@ def upward_edges(
     return found
 
 
+def _inside(module: str, packages: Iterable[str]) -> bool:
+    return any(module == p or module.startswith(f"{p}.") for p in packages)
+
+
 def forbidden_imports(graph: Graph, raw: Mapping[str, set[str]]) -> list[str]:
     """Imports of the CLI or test helpers from inside pi_lora, or of benchmarks/ or tests/."""
     found = []
     for source, targets in sorted(graph.items()):
-        found += [f"{source} imports {t}" for t in sorted(targets) if t in FORBIDDEN_MODULES]
+        found += [
+            f"{source} imports {t}" for t in sorted(targets)
+            if _inside(t, FORBIDDEN_MODULES) and not _inside(source, FORBIDDEN_MODULES)
+        ]
     for source, names in sorted(raw.items()):
         found += [
             f"{source} imports {n}" for n in sorted(names) if n.split(".")[0] in FORBIDDEN_OUTSIDE
@@ -320,9 +280,18 @@ def test_the_known_edges_are_seen(graph_and_raw) -> None:
     graph = graph_and_raw[0]
     assert "pi_lora.eval.settings" in graph["pi_lora.eval.report"]  # module level
     assert "pi_lora.eval.report" in graph["pi_lora.eval.runner"]  # `from pi_lora.eval import report`
-    assert "pi_lora.known_models" in graph["pi_lora.plan.planner"]  # inside a function
+    assert "pi_lora.model.known_models" in graph["pi_lora.plan.planner"]  # inside a function
     assert "pi_lora.plan.planner" in graph["pi_lora.plan.render"]  # under TYPE_CHECKING
-    assert "pi_lora" in graph["pi_lora.provenance"]  # `from pi_lora import __version__`
+    assert "pi_lora" in graph["pi_lora.run.provenance"]  # `from pi_lora import __version__`
+
+
+def test_few_modules_sit_flat_and_every_package_has_one_row() -> None:
+    """The tree is the map: stages are packages, not rows of a table over flat modules."""
+    flat = sorted(p.stem for p in PACKAGE_DIR.glob("*.py"))
+    assert len(flat) <= MAX_FLAT_MODULES, f"{len(flat)} flat modules: {flat}; move them into a stage"
+    packages = sorted(p.parent.name for p in PACKAGE_DIR.glob("*/__init__.py"))
+    assert [p for p in packages if p not in LAYER] == [], "a package without a LAYER row"
+    assert [k for k in LAYER if "." in k] == [], "one row per package: no per-module overrides"
 
 
 # ----------------------------------------------------------------------------- the checker
@@ -365,24 +334,24 @@ def test_the_parser_sees_every_kind_of_import(tmp_path: Path) -> None:
 
 def test_the_checks_report_a_cycle_an_upward_edge_and_an_unknown_module() -> None:
     graph: Graph = {
-        "pi_lora.recipe": {"pi_lora.errors"},
-        "pi_lora.errors": set(),
+        "pi_lora.recipe.loading": {"pi_lora.core.errors"},
+        "pi_lora.core.errors": set(),
         "pi_lora.eval.report": {"pi_lora.eval.runner"},
-        "pi_lora.eval.runner": {"pi_lora.eval.report", "pi_lora.recipe"},
-        "pi_lora.rope": {"pi_lora.merge", "pi_lora.newthing"},
-        "pi_lora.merge": {"pi_lora.rope"},
+        "pi_lora.eval.runner": {"pi_lora.eval.report", "pi_lora.recipe.loading"},
+        "pi_lora.model.rope": {"pi_lora.release.merge", "pi_lora.newthing"},
+        "pi_lora.release.merge": {"pi_lora.model.rope"},
         "pi_lora.newthing": set(),
     }
-    layers = {"errors": 0, "recipe": 1, "rope": 2, "merge": 7, "eval": 8}
+    layers = {"core": 0, "recipe": 1, "model": 2, "release": 6, "eval": 7}
 
     def layer(module: str) -> int | None:
         return layer_of(module, layers)
 
     assert find_cycles(graph) == [
         ["pi_lora.eval.report", "pi_lora.eval.runner", "pi_lora.eval.report"],
-        ["pi_lora.merge", "pi_lora.rope", "pi_lora.merge"],
+        ["pi_lora.model.rope", "pi_lora.release.merge", "pi_lora.model.rope"],
     ]
-    assert upward_edges(graph, layer) == [("pi_lora.rope", 2, "pi_lora.merge", 7)]
+    assert upward_edges(graph, layer) == [("pi_lora.model.rope", 2, "pi_lora.release.merge", 6)]
     assert unknown_modules(graph, layer) == ["pi_lora.newthing"]
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
 

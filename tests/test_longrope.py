@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pi_lora.errors import PiLoraError
-from pi_lora.longrope_factors import (
+from pi_lora.core.errors import PiLoraError
+from pi_lora.model.longrope_factors import (
     check_factors,
     crossover,
     mutate,
@@ -20,8 +20,8 @@ from pi_lora.longrope_factors import (
     write_factors_file,
     yarn_factors,
 )
-from pi_lora.recipe import LongropeOptions, RopeSection
-from pi_lora.rope import plan_rope
+from pi_lora.model.rope import plan_rope
+from pi_lora.recipe.loading import LongropeOptions, RopeSection
 
 DEMO_BASE = Path(__file__).resolve().parents[1] / "pi_lora" / "demo" / "base"
 
@@ -116,10 +116,10 @@ def test_search_lowers_perplexity_and_feeds_longrope(held_out: Path, tmp_path: P
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pi_lora.eval.perplexity import score_window
-    from pi_lora.longrope_search import Fitness, SearchSettings, held_out_samples, run_search
-    from pi_lora.model import load_tokenizer
-    from pi_lora.recipe import load_recipe
-    from pi_lora.rope import apply_rope
+    from pi_lora.model.loading import load_tokenizer
+    from pi_lora.model.rope import apply_rope
+    from pi_lora.recipe.loading import load_recipe
+    from pi_lora.search.longrope import Fitness, SearchSettings, held_out_samples, run_search
 
     recipe_path = Path(__file__).resolve().parents[1] / "pi_lora" / "recipes" / "demo" / "linear.yaml"
     recipe = load_recipe(recipe_path, [f"model.name={DEMO_BASE}", f"data.files=[{held_out}]"])
@@ -147,9 +147,9 @@ def test_search_lowers_perplexity_and_feeds_longrope(held_out: Path, tmp_path: P
 
 
 def test_longrope_run_trains_merges_and_reloads(tiny_models, write_recipe, tmp_path: Path) -> None:
-    from pi_lora.merge import merge_run
-    from pi_lora.recipe import load_recipe
-    from pi_lora.train import train
+    from pi_lora.recipe.loading import load_recipe
+    from pi_lora.release.merge import merge_run
+    from pi_lora.train.assembly import train
 
     factors = [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
     path = write_recipe(tiny_models("llama"), rope={"method": "longrope", "target_context": 512,

@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
-from pi_lora.loss import causal_lm_loss, chunked_lm_loss
 from pi_lora.testing import tiny_config
+from pi_lora.train.loss import causal_lm_loss, chunked_lm_loss
 
 VOCAB = 512
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

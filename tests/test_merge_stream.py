@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from pi_lora.cli import main
-from pi_lora.dtypes import TORCH_DTYPES
-from pi_lora.errors import PiLoraError
-from pi_lora.merge import merge_run, verify_release
-from pi_lora.recipe import load_recipe
-from pi_lora.rundir import RunDir
-from pi_lora.train import train
-from pi_lora.trained import load_trained
+from pi_lora.core.errors import PiLoraError
+from pi_lora.recipe.dtypes import TORCH_DTYPES
+from pi_lora.recipe.loading import load_recipe
+from pi_lora.release.merge import merge_run, verify_release
+from pi_lora.run.directory import RunDir
+from pi_lora.run.trained import load_trained
+from pi_lora.train.assembly import train
 
 
 def _release_tensors(release: Path) -> dict[str, torch.Tensor]:

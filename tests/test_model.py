@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pi_lora.errors import PiLoraError
-from pi_lora.model import apply_sliding_window, attention_window, load_model
-from pi_lora.recipe import ModelSection
+from pi_lora.core.errors import PiLoraError
+from pi_lora.model.loading import apply_sliding_window, attention_window, load_model
+from pi_lora.recipe.loading import ModelSection
 from pi_lora.testing import make_tokenizer, tiny_config
 
 

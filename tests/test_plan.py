@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 import torch
 
+from benchmarks import plan_validation as validation
+from benchmarks.plan_validation import TOLERANCE, Case, Row
 from pi_lora.cli import main
-from pi_lora.plan import get_device, plan_recipe, validation
+from pi_lora.plan import get_device, plan_recipe
 from pi_lora.plan.memory import layer_activation_bytes_per_token
 from pi_lora.plan.setup import setup_from_recipe
 from pi_lora.plan.shape import model_shape
-from pi_lora.plan.validation import TOLERANCE, Case, Row
-from pi_lora.recipe import load_recipe
+from pi_lora.recipe.loading import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -94,7 +95,7 @@ def test_70b_on_one_consumer_gpu_gets_advice() -> None:
 
 def test_activation_terms_match_what_autograd_saves(tiny_models) -> None:
     """The per-layer formula against saved_tensors_hooks on a real peft-wrapped layer (fp32)."""
-    from pi_lora.model import load_config, load_model, wrap_lora
+    from pi_lora.model.loading import load_config, load_model, wrap_lora
 
     recipe = load_recipe(_write_tiny_recipe(tiny_models("llama")))
     config = load_config(recipe.model)
@@ -191,20 +192,20 @@ def test_drift_would_fail() -> None:
 def test_worker_peak_is_its_own_not_the_parents(tmp_path: Path) -> None:
     """A worker started by a parent with a large resident set reports its own peak, and
     reset_peak forgets what the worker itself freed (ru_maxrss would report the parent's)."""
-    worker = ("import sys; from pi_lora.plan import harness\n"
+    worker = ("import sys; from benchmarks import harness\n"
               "first = harness.peak_bytes('cpu')\n"
               "block = b'x' * (300 << 20); del block\n"
               "grown = harness.peak_bytes('cpu')\n"
               "reset = harness.reset_peak('cpu')\n"
               "harness.print_result({'first': first, 'grown': grown, 'reset': reset,\n"
               "                      'after': harness.peak_bytes('cpu')})\n")
-    parent = ("import json, resource, sys; from pi_lora.plan import harness\n"
+    parent = ("import json, resource, sys; from benchmarks import harness\n"
               "ballast = b'x' * (800 << 20)\n"
               f"done = harness.run_worker(['-c', {worker!r}], harness.worker_env(), 300)\n"
               "own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
               "print(json.dumps({**done.result, 'parent': own}))\n")
     done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,
-                          timeout=300, check=False)
+                          timeout=300, check=False, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     peaks = json.loads(done.stdout.splitlines()[-1])
     assert peaks["parent"] > 800 << 20
@@ -232,7 +233,7 @@ def test_offloaded_checkpoints_leave_one_layer_on_the_device() -> None:
 def test_plan_and_recipe_agree_on_the_attention_path(tmp_path: Path) -> None:
     """S2-Attn runs on sdpa: no FlashAttention-2 credit or advice beside it; a recipe asking
     for both, or S2-Attn on packed conversations, is refused instead of silently changed."""
-    from pi_lora.errors import RecipeErrors
+    from pi_lora.core.errors import RecipeErrors
 
     s2 = load_recipe(REPO / "recipes/llama2-7b-32k.yaml")
     plan = plan_recipe(s2, get_device("h100-80gb"), gpus=8)
@@ -288,7 +289,7 @@ def test_sequence_parallel_divides_activations_and_adds_all_to_all() -> None:
 
 
 def test_sequence_parallel_sizes_follow_the_heads() -> None:
-    from pi_lora.errors import PiLoraError
+    from pi_lora.core.errors import PiLoraError
 
     path = REPO / "recipes/qwen2.5-7b-128k.yaml"  # 28 heads, 4 KV heads
     with pytest.raises(PiLoraError, match="28 attention heads, not divisible by 8") as info:

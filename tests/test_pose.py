@@ -1,4 +1,4 @@
-"""PoSE: position ids that skip ahead inside short rows (pi_lora/pose.py), in the collator,
+"""PoSE: position ids that skip ahead inside short rows (pi_lora/data/pose.py), in the collator,
 the recipe checks, training and the planner."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pi_lora.data import PackedCollator
-from pi_lora.errors import RecipeErrors
-from pi_lora.pose import PoseSkips, skip_positions
-from pi_lora.recipe import load_recipe
+from pi_lora.core.errors import RecipeErrors
+from pi_lora.data.build import PackedCollator
+from pi_lora.data.pose import PoseSkips, skip_positions
+from pi_lora.recipe.loading import load_recipe
 
 
 def _draws(n: int, target: int, chunks: int, rows: int, seed: int = 0) -> list[np.ndarray]:
@@ -96,7 +96,7 @@ def test_skipped_positions_are_not_read_as_packed_documents(tiny_models) -> None
 def test_zero_skips_train_exactly_like_plain_training(tiny_models, write_recipe) -> None:
     """Rows as long as the target leave nothing to skip: the loss curve is plain training's.
     (A recipe refuses that setting, so the collator is driven directly.)"""
-    from pi_lora.loss import causal_lm_loss
+    from pi_lora.train.loss import causal_lm_loss
 
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
@@ -130,9 +130,9 @@ def test_pose_training_runs_sees_long_positions_and_plans_at_seq_len(
         tiny_models, write_recipe, monkeypatch: pytest.MonkeyPatch) -> None:
     """A PoSE run trains at 64-token rows with positions reaching past the base's 128
     window, lowers the loss, and the planner sizes activations at 64 tokens, not 256."""
-    from pi_lora import loss as loss_module
     from pi_lora.plan.setup import setup_from_recipe
-    from pi_lora.train import train
+    from pi_lora.train import loss as loss_module
+    from pi_lora.train.assembly import train
 
     seen: list[int] = []
     real = loss_module.causal_lm_loss
@@ -157,7 +157,7 @@ def test_pose_training_runs_sees_long_positions_and_plans_at_seq_len(
 
 def test_the_smollm2_evidence_rows_are_valid_pose_recipes() -> None:
     """`make evidence-smollm2`'s three fine-tunes: one recipe, rope method overridden."""
-    from pi_lora.demo import smollm2
+    from benchmarks import evidence_smollm2 as smollm2
 
     for _, _, extra in smollm2.FINE_TUNES:
         overrides = [extra[i + 1] for i in range(0, len(extra), 2)]

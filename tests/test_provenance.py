@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from pi_lora.cli import main
-from pi_lora.digest import file_sha256
-from pi_lora.release import PROVENANCE_FILE
-from pi_lora.rundir import RunDir
+from pi_lora.core.digest import file_sha256
+from pi_lora.release.files import PROVENANCE_FILE
+from pi_lora.run.directory import RunDir
 
 
 def _sha256(path: Path) -> str:
@@ -101,8 +101,8 @@ def test_digest_is_content_and_follows_changes(tmp_path: Path) -> None:
 
 
 def test_hub_models_are_named_by_revision(tiny_models) -> None:
-    from pi_lora.provenance import model_identity
-    from pi_lora.recipe import ModelSection
+    from pi_lora.recipe.loading import ModelSection
+    from pi_lora.run.provenance import model_identity
 
     class Config:
         _commit_hash = "0123abcd" * 5

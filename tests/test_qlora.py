@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
-from pi_lora.distributed import prebuild_deepspeed_ops
-from pi_lora.merge import merge_run
-from pi_lora.model import quantization_config
-from pi_lora.recipe import load_recipe
-from pi_lora.rundir import RunDir
+from pi_lora.model.loading import quantization_config
+from pi_lora.recipe.loading import load_recipe
+from pi_lora.release.merge import merge_run
+from pi_lora.run.directory import RunDir
+from pi_lora.train.distributed import prebuild_deepspeed_ops
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("deepspeed")
@@ -98,8 +98,8 @@ def test_merging_into_the_original_weights_is_caught(qlora_run: RunDir, tmp_path
     reference transformers quantizes and dequantizes itself, refuses it. (The layer check
     shares the fold's quantization code, which tests/test_merge_stream.py pins bit-identical
     to transformers' own.)"""
-    import pi_lora.fold as fold
-    from pi_lora.errors import PiLoraError
+    import pi_lora.release.fold as fold
+    from pi_lora.core.errors import PiLoraError
 
     real = fold.requantizer
 
@@ -107,7 +107,7 @@ def test_merging_into_the_original_weights_is_caught(qlora_run: RunDir, tmp_path
         _, quantized = real(model, skeleton)
         return (lambda weight: weight.float()), quantized
 
-    monkeypatch.setattr("pi_lora.merge.requantizer", original_weights)
+    monkeypatch.setattr("pi_lora.release.merge.requantizer", original_weights)
     with pytest.raises(PiLoraError, match="disagrees"):
         merge_run(qlora_run.path, tmp_path / "release", dtype="fp32", verify="full")
     assert not (tmp_path / "release").exists()
@@ -117,7 +117,7 @@ def test_4bit_inference_runs_the_training_arithmetic(tiny_models) -> None:
     """On AVX512-BF16 CPUs bitsandbytes would run eval in bf16; the merge check must not."""
     from transformers import AutoModelForCausalLM
 
-    from pi_lora.model import compute_4bit_as_trained
+    from pi_lora.model.loading import compute_4bit_as_trained
 
     config = quantization_config(load_recipe_model(tiny_models("llama")))
     quantized = AutoModelForCausalLM.from_pretrained(str(tiny_models("llama")), dtype=torch.float32,
@@ -132,6 +132,6 @@ def test_4bit_inference_runs_the_training_arithmetic(tiny_models) -> None:
 
 
 def load_recipe_model(model_dir: Path) -> Any:
-    from pi_lora.recipe import ModelSection
+    from pi_lora.recipe.loading import ModelSection
 
     return ModelSection(name=str(model_dir), dtype="fp32", quantization={"bits": 4})

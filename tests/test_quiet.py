@@ -38,7 +38,7 @@ def test_validate_prints_no_third_party_noise() -> None:
 def test_filters_keep_real_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers.utils import logging as hf_logging
 
-    from pi_lora.quiet import quiet_third_party
+    from pi_lora.core.quiet import quiet_third_party
 
     monkeypatch.delenv("PI_LORA_VERBOSE", raising=False)
     handler = hf_logging.get_logger().handlers[0]

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from pi_lora.cli import main
-from pi_lora.errors import PiLoraError, RecipeErrors
-from pi_lora.recipe import Recipe, deep_merge, load_recipe
+from pi_lora.core.errors import PiLoraError, RecipeErrors
+from pi_lora.recipe.loading import Recipe, deep_merge, load_recipe
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("**/*.yaml"))

@@ -10,8 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from pi_lora.plan import get_device, plan_recipe
-from pi_lora.recipe import load_recipe
-from pi_lora.recompute import attention_ops, checkpoint_kwargs
+from pi_lora.recipe.loading import load_recipe
+from pi_lora.train.recompute import attention_ops, checkpoint_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,8 +72,8 @@ def test_plan_counts_the_kept_attention() -> None:
 
 def test_a_run_trains_with_kept_attention(tiny_models, write_recipe) -> None:
     """The context function travels through TrainingArguments into the Trainer's checkpointing."""
-    from pi_lora.rundir import RunDir
-    from pi_lora.train import train
+    from pi_lora.run.directory import RunDir
+    from pi_lora.train.assembly import train
 
     recipe = load_recipe(write_recipe(tiny_models("llama"), training={
         "max_steps": 2, "recompute_attention": False, "gradient_checkpointing": True}))
@@ -87,7 +87,7 @@ def test_a_run_trains_with_kept_attention(tiny_models, write_recipe) -> None:
 @pytest.mark.parametrize("overrides", [["training.gradient_checkpointing=false"],
                                        ["model.attn_implementation=eager"]])
 def test_kept_attention_without_its_kernel_is_refused(overrides: list[str]) -> None:
-    from pi_lora.errors import PiLoraError
+    from pi_lora.core.errors import PiLoraError
 
     with pytest.raises(PiLoraError, match="recompute_attention"):
         load_recipe(REPO / "recipes/llama2-7b-16k.yaml",

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pi_lora.card import base_license, hub_id, serving_notes
-from pi_lora.merge import merge_run
-from pi_lora.recipe import ModelSection, load_recipe
-from pi_lora.rope import RopePlan
-from pi_lora.rundir import RunDir
-from pi_lora.train import train
+from pi_lora.model.rope import RopePlan
+from pi_lora.recipe.loading import ModelSection, load_recipe
+from pi_lora.release.merge import merge_run
+from pi_lora.release.model_card import base_license, hub_id, serving_notes
+from pi_lora.run.directory import RunDir
+from pi_lora.train.assembly import train
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_vllm_defaults_a_release_to_its_trained_window(released) -> None:
 
     from transformers import AutoConfig
 
-    from pi_lora.serving import VLLM_PIN_KEY, vllm_default_window
+    from pi_lora.model.serving import VLLM_PIN_KEY, vllm_default_window
 
     _, release = released
     config = json.loads((release / "config.json").read_text())
@@ -156,7 +156,7 @@ def test_validate_warns_about_methods_serving_loses(tiny_models, write_recipe,
 ])
 def test_vllm_window_rule_per_method(method: str, params: dict, max_pos: int,
                                      pinned: bool) -> None:
-    from pi_lora.serving import VLLM_PIN_KEY, pin_vllm_window, vllm_default_window
+    from pi_lora.model.serving import VLLM_PIN_KEY, pin_vllm_window, vllm_default_window
 
     plan = RopePlan(method, 4096, "config", 16384, 4.0, 10000.0, 128, params, max_pos)
     config = {"max_position_embeddings": max_pos, "rope_scaling": {**params, "type": method}}
@@ -168,8 +168,8 @@ def test_vllm_window_rule_per_method(method: str, params: dict, max_pos: int,
 def test_a_pickled_adapter_is_refused_by_merge_and_eval(released, tmp_path: Path) -> None:
     import shutil
 
-    from pi_lora.errors import PiLoraError
-    from pi_lora.trained import load_trained
+    from pi_lora.core.errors import PiLoraError
+    from pi_lora.run.trained import load_trained
 
     run, _ = released
     copy = tmp_path / "run"

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from pi_lora.cli import main
-from pi_lora.data import build_train_dataset, load_raw
-from pi_lora.errors import PiLoraError, RecipeErrors
-from pi_lora.recipe import deep_merge, load_recipe
+from pi_lora.core.errors import PiLoraError, RecipeErrors
+from pi_lora.data.build import build_train_dataset, load_raw
+from pi_lora.recipe.loading import deep_merge, load_recipe
 from pi_lora.testing import make_tokenizer
 
 BASE = {"model": {"name": "org/model"}, "rope": {"method": "linear", "target_context": 8192},
@@ -165,7 +165,7 @@ def _section(path: Path, **options) -> dict:
 
 
 def _build_error(tokenizer, tmp_path: Path, **data) -> PiLoraError:
-    from pi_lora.recipe import DataSection
+    from pi_lora.recipe.loading import DataSection
 
     with pytest.raises(PiLoraError) as info:
         build_train_dataset(DataSection(**data), tokenizer, 32, seed=0, cache_dir=tmp_path / "c")
@@ -250,7 +250,7 @@ def _openai(question: str, answer: str) -> dict:
 
 
 def test_sharegpt_records_train_like_role_content(tokenizer, tmp_path: Path) -> None:
-    from pi_lora.recipe import DataSection
+    from pi_lora.recipe.loading import DataSection
 
     built = {}
     for name, make in (("sharegpt", _sharegpt), ("openai", _openai)):
@@ -279,7 +279,7 @@ def test_unknown_chat_layout_says_what_is_expected(tokenizer, tmp_path: Path,
 
 
 def test_good_jsonl_still_loads_through_datasets(tmp_path: Path) -> None:
-    from pi_lora.recipe import DataSection
+    from pi_lora.recipe.loading import DataSection
 
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "a"}\n{"text": "b"}\n')
@@ -300,8 +300,8 @@ def test_train_with_a_broken_data_file_exits_2(tiny_models, write_recipe, tmp_pa
 
 
 def test_remote_code_model_names_trust_remote_code(tmp_path: Path) -> None:
-    from pi_lora.model import load_config
-    from pi_lora.recipe import ModelSection
+    from pi_lora.model.loading import load_config
+    from pi_lora.recipe.loading import ModelSection
 
     (tmp_path / "config.json").write_text(json.dumps({
         "model_type": "pilora_custom", "auto_map": {"AutoConfig": "custom.CustomConfig"}}))
@@ -421,16 +421,16 @@ def test_recipe_with_control_characters_is_a_message(
 
 def test_oversized_recipe_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    import pi_lora.recipe
+    import pi_lora.recipe.loading
 
-    monkeypatch.setattr(pi_lora.recipe, "MAX_RECIPE_BYTES", 1000)
+    monkeypatch.setattr(pi_lora.recipe.loading, "MAX_RECIPE_BYTES", 1000)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(BASE) + "#" * 2000 + "\n")
     assert "not a recipe" in _validate(path, capsys)
 
 
 def test_broken_link_and_literal_glob_characters_in_data_files(tmp_path: Path) -> None:
-    from pi_lora.data import expand_files
+    from pi_lora.data.build import expand_files
 
     (tmp_path / "gone.jsonl").symlink_to(tmp_path / "missing.jsonl")
     with pytest.raises(PiLoraError, match="not a regular file") as info:

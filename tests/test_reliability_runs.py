@@ -22,12 +22,12 @@ import pytest
 import torch
 
 from pi_lora.cli import main
-from pi_lora.errors import PiLoraError
-from pi_lora.recipe import load_recipe
-from pi_lora.rundir import RUN_MARKER, RunDir
-from pi_lora.runlock import LOCK_ENV, RunLock
-from pi_lora.safe_paths import check_replaceable, remove_owned_dir
-from pi_lora.train import train
+from pi_lora.core.errors import PiLoraError
+from pi_lora.core.run_lock import LOCK_ENV, RunLock
+from pi_lora.core.safe_paths import check_replaceable, remove_owned_dir
+from pi_lora.recipe.loading import load_recipe
+from pi_lora.run.directory import RUN_MARKER, RunDir
+from pi_lora.train.assembly import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_owned_directory_is_replaced_and_an_empty_one_kept(tmp_path: Path) -> No
 
 def test_merge_output_onto_its_run_is_refused(finished_run: Path, tmp_path: Path) -> None:
     """What merge calls for `--output X --overwrite`: X must be a release, and not the run."""
-    from pi_lora.release import RELEASE_RECIPE_FILE, is_release
+    from pi_lora.release.files import RELEASE_RECIPE_FILE, is_release
 
     run = _copy_run(finished_run, tmp_path)
     for output in (run.path, run.path.parent):
@@ -180,8 +180,8 @@ def test_a_model_without_rope_is_refused(write_recipe, tmp_path: Path,
 def test_plan_rope_refuses_every_family_without_rope(family: str) -> None:
     from transformers import AutoConfig
 
-    from pi_lora.recipe import RopeSection
-    from pi_lora.rope import plan_rope
+    from pi_lora.model.rope import plan_rope
+    from pi_lora.recipe.loading import RopeSection
 
     with pytest.raises(PiLoraError, match="no rotary position embeddings") as caught:
         plan_rope(RopeSection(method="linear", target_context=4096), AutoConfig.for_model(family))
@@ -275,7 +275,7 @@ def test_a_full_disk_fails_clearly_and_the_rerun_proceeds(
 
 def _inject_nan_loss(monkeypatch: pytest.MonkeyPatch, from_step: int) -> None:
     """The loss turns NaN from `from_step` on, as a diverging run's does (lr far too high)."""
-    from pi_lora.trainer import ChunkedLoss
+    from pi_lora.train.trainer import ChunkedLoss
 
     real = ChunkedLoss.compute_loss
 
@@ -407,7 +407,7 @@ def test_check_complete_refuses_an_unfinished_status(status: str, finished_run: 
 
 
 def _hold_lock_in_child(run_dir: Path) -> subprocess.Popen:
-    code = ("import sys, time; from pi_lora.runlock import RunLock; "
+    code = ("import sys, time; from pi_lora.core.run_lock import RunLock; "
             f"RunLock.acquire({str(run_dir)!r}); print('held', flush=True); time.sleep(120)")
     child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=_child_env(),
                              stdout=subprocess.PIPE, text=True)
@@ -436,7 +436,7 @@ def test_a_second_trainer_on_a_run_in_use_is_refused(resume: bool, finished_run:
 
 SLOW_TRAIN = """
 import sys, time
-from pi_lora.trainer import ChunkedLoss
+from pi_lora.train.trainer import ChunkedLoss
 real = ChunkedLoss.compute_loss
 def slow(self, *args, **kwargs):
     time.sleep(1.0)  # a long step, so the second trainer arrives while this one trains
@@ -478,7 +478,7 @@ def test_a_second_cli_trainer_is_refused_while_the_first_trains(
 
 def test_a_lock_outliving_its_holder_is_explained(tmp_path: Path) -> None:
     """The holder exited but a process it forked kept the lock: the refusal says so."""
-    code = ("import os, sys, time; from pi_lora.runlock import RunLock; "
+    code = ("import os, sys, time; from pi_lora.core.run_lock import RunLock; "
             f"RunLock.acquire({str(tmp_path / 'run')!r})\n"
             "pid = os.fork()\n"
             "if pid == 0: os.dup2(os.open(os.devnull, os.O_WRONLY), 1); time.sleep(120)\n"
@@ -496,9 +496,9 @@ def test_a_lock_outliving_its_holder_is_explained(tmp_path: Path) -> None:
 
 def test_launched_ranks_inherit_the_launchers_lock(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    code = (f"from pi_lora.runlock import RunLock; RunLock.acquire({str(run_dir)!r}).release(); "
+    code = (f"from pi_lora.core.run_lock import RunLock; RunLock.acquire({str(run_dir)!r}).release(); "
             "print('ok')")
-    with __import__("pi_lora.runlock").runlock.hold(run_dir, for_children=True):
+    with __import__("pi_lora.core.run_lock").runlock.hold(run_dir, for_children=True):
         inherited = subprocess.run([sys.executable, "-c", code], cwd=REPO,
                                    env={**_child_env(), LOCK_ENV: os.environ[LOCK_ENV]},
                                    capture_output=True, text=True, timeout=60)
@@ -528,7 +528,7 @@ def test_merge_side_names_a_run_still_training(finished_run: Path, tmp_path: Pat
 
 def test_base_identity_is_checked(finished_run: Path, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from pi_lora.integrity import check_base_identity
+    from pi_lora.run.base_integrity import check_base_identity
 
     run = _copy_run(finished_run, tmp_path)
     check_base_identity(run, allow_mismatch=False)
@@ -547,7 +547,7 @@ def test_base_identity_is_checked(finished_run: Path, tmp_path: Path,
 
 
 def test_an_edited_base_path_is_caught(finished_run: Path, tmp_path: Path) -> None:
-    from pi_lora.integrity import check_base_identity
+    from pi_lora.run.base_integrity import check_base_identity
 
     run = _copy_run(finished_run, tmp_path)
     raw = json.loads(run.facts_path.read_text())

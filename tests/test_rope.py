@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from pi_lora.errors import PiLoraError
-from pi_lora.recipe import RopeSection
-from pi_lora.rope import apply_rope, detect_existing, plan_rope, rotary_dim, yarn_temperature
+from pi_lora.core.errors import PiLoraError
+from pi_lora.model.rope import apply_rope, detect_existing, plan_rope, rotary_dim, yarn_temperature
+from pi_lora.recipe.loading import RopeSection
 from pi_lora.testing import FAMILY_CONFIGS, tiny_config
 
 FAMILIES = sorted(FAMILY_CONFIGS)

@@ -25,9 +25,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pi_lora.distributed import free_port, prebuild_deepspeed_ops
-from pi_lora.errors import PiLoraError, RecipeErrors
-from pi_lora.recipe import Recipe, deep_merge, load_recipe
+from pi_lora.core.errors import PiLoraError, RecipeErrors
+from pi_lora.recipe.loading import Recipe, deep_merge, load_recipe
+from pi_lora.train.distributed import free_port, prebuild_deepspeed_ops
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, SAVE_STEPS = 6, 3
@@ -98,7 +98,7 @@ def deepspeed_ops() -> None:
 
 
 def _train_here(path: Path) -> Path:
-    from pi_lora.train import train
+    from pi_lora.train.assembly import train
 
     return train(load_recipe(path))
 
@@ -201,8 +201,8 @@ def test_what_sequence_parallel_allows(tmp_path: Path) -> None:
 
 
 def test_the_model_config_decides_the_sizes(tmp_path: Path) -> None:
-    from pi_lora.sequence_parallel import sequence_parallel_problems
     from pi_lora.testing import tiny_config
+    from pi_lora.train.sequence_parallel import sequence_parallel_problems
 
     recipe = _recipe(tmp_path, training=SEQUENCE_PARALLEL)
     config = tiny_config("llama", num_attention_heads=12, num_key_value_heads=4, hidden_size=96)
@@ -222,7 +222,7 @@ def test_the_model_config_decides_the_sizes(tmp_path: Path) -> None:
 
 
 def test_world_and_accumulation_checked_at_launch(tmp_path: Path) -> None:
-    from pi_lora.sequence_parallel import check_accumulation, data_parallel_size, parallelism_config
+    from pi_lora.train.sequence_parallel import check_accumulation, data_parallel_size, parallelism_config
 
     recipe = _recipe(tmp_path, training={**SEQUENCE_PARALLEL, "per_device_batch_size": 1,
                                          "global_batch_size": 8})
@@ -251,8 +251,8 @@ def test_a_launch_sp_cannot_split_exits_2_before_starting_processes(
 
 
 def test_zero3_without_reduce_scatter_is_refused(tmp_path: Path) -> None:
-    from pi_lora.sequence_parallel import check_launch
     from pi_lora.testing import tiny_config
+    from pi_lora.train.sequence_parallel import check_launch
 
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_scatter": False}}))
@@ -263,8 +263,8 @@ def test_zero3_without_reduce_scatter_is_refused(tmp_path: Path) -> None:
 
 
 def test_rows_padded_to_slices_with_positions() -> None:
-    from pi_lora.data import PackedCollator
-    from pi_lora.sequence_parallel import ShardedRows
+    from pi_lora.data.build import PackedCollator
+    from pi_lora.train.sequence_parallel import ShardedRows
 
     collate = ShardedRows(PackedCollator(pad_token_id=0), parts=4)
     batch = collate([{"input_ids": [5, 6, 7, 8, 9, 10]}, {"input_ids": [5, 6, 7]}])
@@ -274,7 +274,7 @@ def test_rows_padded_to_slices_with_positions() -> None:
 
 
 def test_slice_loss_share_carries_the_right_gradient() -> None:
-    from pi_lora.sequence_parallel import gradient_factor, rank_share
+    from pi_lora.train.sequence_parallel import gradient_factor, rank_share
 
     zero2, zero3 = ({"zero_optimization": {"stage": s}} for s in (2, 3))
     assert gradient_factor(zero2, 8, 2) == 4  # ZeRO-2 averages over the 4 data-parallel groups
@@ -291,8 +291,8 @@ def test_tiled_mlp_changes_no_gradient(tiny_models: Any, tmp_path: Path) -> None
     draw another mask)."""
     from transformers import AutoModelForCausalLM
 
-    from pi_lora.model import wrap_lora
-    from pi_lora.sequence_parallel import enable_tiled_mlp
+    from pi_lora.model.loading import wrap_lora
+    from pi_lora.train.sequence_parallel import enable_tiled_mlp
 
     recipe = _recipe(tmp_path, lora={"dropout": 0.0, "target_modules": [
         "q_proj", "v_proj", "gate_proj", "down_proj"]}, training={"tiled_mlp": True})

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pi_lora.hub import smollm2_gguf
-from pi_lora.merge import merge_run
-from pi_lora.recipe import load_recipe
-from pi_lora.train import train
+from pi_lora.model.packaged import smollm2_gguf
+from pi_lora.recipe.loading import load_recipe
+from pi_lora.release.merge import merge_run
+from pi_lora.train.assembly import train
 
 pytestmark = pytest.mark.slow
 
@@ -58,9 +58,9 @@ def test_smollm2_gguf_streams_tensor_by_tensor(gguf: Path, write_recipe, tmp_pat
     import torch
     from safetensors.torch import load_file
 
-    from pi_lora.merge import verify_release
-    from pi_lora.rundir import RunDir
-    from pi_lora.trained import load_trained
+    from pi_lora.release.merge import verify_release
+    from pi_lora.run.directory import RunDir
+    from pi_lora.run.trained import load_trained
 
     path = write_recipe(
         gguf, rope={"method": "linear", "target_context": 16384}, data={"seq_len": 256},

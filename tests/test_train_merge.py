@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from pi_lora.cli import main
-from pi_lora.errors import PiLoraError
-from pi_lora.merge import merge_run
-from pi_lora.recipe import load_recipe
-from pi_lora.rundir import RunDir
-from pi_lora.train import train
+from pi_lora.core.errors import PiLoraError
+from pi_lora.recipe.loading import load_recipe
+from pi_lora.release.merge import merge_run
+from pi_lora.run.directory import RunDir
+from pi_lora.train.assembly import train
 
 
 def _losses(run: Path) -> list[float]:
@@ -55,8 +55,8 @@ def test_merged_logits_equal_base_plus_adapter(tiny_models, write_recipe, tmp_pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pi_lora.model import load_model
-    from pi_lora.rundir import apply_extras
+    from pi_lora.model.loading import load_model
+    from pi_lora.run.directory import apply_extras
 
     recipe = load_recipe(write_recipe(tiny_models("llama"), training={"max_steps": 4}))
     run = RunDir(train(recipe))
@@ -73,7 +73,7 @@ def test_merged_logits_equal_base_plus_adapter(tiny_models, write_recipe, tmp_pa
 def test_merge_catches_lost_rope_scaling(tiny_models, write_recipe, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """If the release config lost its scaling, the verification fails and nothing is left."""
-    import pi_lora.merge as merge
+    import pi_lora.release.merge as merge
 
     recipe = load_recipe(write_recipe(tiny_models("llama"), training={"max_steps": 2}))
     run = train(recipe)
@@ -139,8 +139,8 @@ def test_lora_defaults_cover_every_family(family: str) -> None:
     """Default targets exist, extras train, gradients reach LoRA and extras only."""
     from transformers import AutoModelForCausalLM
 
-    from pi_lora.model import extras_parameter_names, wrap_lora
-    from pi_lora.recipe import LoraSection
+    from pi_lora.model.loading import extras_parameter_names, wrap_lora
+    from pi_lora.recipe.loading import LoraSection
     from pi_lora.testing import tiny_config
 
     torch.manual_seed(0)
@@ -187,7 +187,7 @@ def test_checkpoint_offload_routes_layer_inputs_through_saved_tensor_hooks() -> 
     from transformers import AutoModelForCausalLM
 
     from pi_lora.testing import tiny_config
-    from pi_lora.trainer import checkpoint_offload
+    from pi_lora.train.trainer import checkpoint_offload
 
     torch.manual_seed(0)
     config = tiny_config("llama")

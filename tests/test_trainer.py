@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pi_lora.recipe import load_recipe
-from pi_lora.rundir import RunDir
-from pi_lora.train import train
-from pi_lora.trained import load_trained
+from pi_lora.recipe.loading import load_recipe
+from pi_lora.run.directory import RunDir
+from pi_lora.run.trained import load_trained
+from pi_lora.train.assembly import train
 
 
 def test_validation_sequences_are_evaluated(tiny_models, write_recipe) -> None:
@@ -41,7 +41,7 @@ def test_validation_sequences_are_evaluated(tiny_models, write_recipe) -> None:
 def test_trainer_is_configured_through_its_constructor() -> None:
     import inspect
 
-    from pi_lora.trainer import ChunkedLoss, ExtrasCheckpoints, MasterWeightsSave, trainer_class
+    from pi_lora.train.trainer import ChunkedLoss, ExtrasCheckpoints, MasterWeightsSave, trainer_class
 
     cls = trainer_class()
     assert cls.__mro__[1:4] == (ChunkedLoss, ExtrasCheckpoints, MasterWeightsSave)
@@ -52,8 +52,8 @@ def test_trainer_is_configured_through_its_constructor() -> None:
 
 def test_progress_counts_real_tokens_not_padded_rows(tiny_models, write_recipe) -> None:
     """short_mix rows are shorter than seq_len: tokens/s counts what the rows hold."""
-    from pi_lora.data import build_train_dataset
-    from pi_lora.model import load_tokenizer
+    from pi_lora.data.build import build_train_dataset
+    from pi_lora.model.loading import load_tokenizer
 
     path = write_recipe(tiny_models("llama"), data={"short_mix": {"seq_len": 64, "fraction": 0.5}},
                         training={"max_steps": 2, "save_steps": 2})
@@ -77,7 +77,7 @@ def test_trains_from_a_stream(tiny_models, write_recipe) -> None:
 
 
 def test_accumulation_follows_the_global_batch(tiny_models, write_recipe, tmp_path: Path) -> None:
-    from pi_lora.train import training_arguments
+    from pi_lora.train.assembly import training_arguments
 
     path = write_recipe(tiny_models("llama"), training={"global_batch_size": 8,
                                                         "per_device_batch_size": 2})

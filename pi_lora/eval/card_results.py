@@ -3,7 +3,7 @@
 A card that says "extended to 16k" without saying how the model does at 16k is an ad, not a
 card. So when a target of the eval is a release (the directory `pi-lora merge` wrote), its
 perplexity by length and passkey accuracy and k_max, with the protocol that produced them,
-replace the card's evaluation section (pi_lora.card.with_eval_section; the rest of the card
+replace the card's evaluation section (pi_lora.release.model_card.with_eval_section; the rest of the card
 is left as it is). The numbers are the report's, nothing recomputed.
 """
 
@@ -14,10 +14,10 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from pi_lora.card import with_eval_section
+from pi_lora.core.safe_paths import staged_file
 from pi_lora.eval.plots import format_length, format_ppl
-from pi_lora.release import is_release
-from pi_lora.safe_paths import staged_file
+from pi_lora.release.files import is_release
+from pi_lora.release.model_card import with_eval_section
 
 CARD_FILE = "README.md"
 

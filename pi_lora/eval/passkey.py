@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pi_lora.errors import PiLoraError
+from pi_lora.core.errors import PiLoraError
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. "

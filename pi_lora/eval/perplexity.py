@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from pi_lora.errors import PiLoraError
+from pi_lora.core.errors import PiLoraError
 
 PplMode = Literal["sliding", "whole-window"]
 

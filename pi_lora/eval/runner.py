@@ -20,10 +20,10 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pi_lora.dtypes import auto_dtype, torch_dtype
-from pi_lora.errors import PiLoraError
+from pi_lora.core.errors import PiLoraError
 from pi_lora.eval import passkey, perplexity, report, texts
 from pi_lora.eval.settings import EvalSettings
+from pi_lora.recipe.dtypes import auto_dtype, torch_dtype
 
 ModelPair = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 

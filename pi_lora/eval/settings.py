@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pi_lora.eval.perplexity import PplMode
-from pi_lora.recipe import MAX_CONTEXT, DatasetSource
+from pi_lora.recipe.loading import MAX_CONTEXT, DatasetSource
 
 # finite and bounded, as a recipe's numbers are: a typo must not start a week-long sweep
 Length = Annotated[int, Field(ge=1, le=MAX_CONTEXT)]

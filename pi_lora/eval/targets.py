@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from pi_lora.dtypes import dtype_name
-from pi_lora.errors import PiLoraError
+from pi_lora.core.errors import PiLoraError
 from pi_lora.eval.runner import EvalTarget, ModelPair
-from pi_lora.model import load_config, load_model, load_tokenizer
-from pi_lora.recipe import MAX_CONTEXT, SCALING_METHODS, ModelSection
-from pi_lora.release import is_release
-from pi_lora.rope import RopePlan, rope_override
-from pi_lora.rundir import RunDir
-from pi_lora.trained import load_trained
+from pi_lora.model.loading import load_config, load_model, load_tokenizer
+from pi_lora.model.rope import RopePlan, rope_override
+from pi_lora.recipe.dtypes import dtype_name
+from pi_lora.recipe.loading import MAX_CONTEXT, SCALING_METHODS, ModelSection
+from pi_lora.release.files import is_release
+from pi_lora.run.directory import RunDir
+from pi_lora.run.trained import load_trained
 
 
 @dataclass(frozen=True)

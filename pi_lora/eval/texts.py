@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pi_lora.errors import PiLoraError
-from pi_lora.recipe import DatasetSource
+from pi_lora.core.errors import PiLoraError
+from pi_lora.recipe.loading import DatasetSource
 
 TEXT_SUFFIXES = (".txt", ".md")
 KJV_MODULE = "engKJV2006eb"  # module name inside Debian's sword-text-kjv

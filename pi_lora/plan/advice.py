@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from pi_lora.plan.setup import Setup
 from pi_lora.plan.shape import ModelShape
-from pi_lora.recipe import QuantizationSection, Recipe
-from pi_lora.sequence_parallel import sequence_parallel_sizes
+from pi_lora.recipe.loading import QuantizationSection, Recipe
+from pi_lora.train.sequence_parallel import sequence_parallel_sizes
 
 
 @dataclass(frozen=True)

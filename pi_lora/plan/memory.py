@@ -36,11 +36,11 @@ NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # absmax quantized to 8 
 INT8_BYTES = 1 + 4 / 4096  # LLM.int8: one fp32 scale per row (rows are >= 4096 wide)
 ZERO3_LIVE_LAYERS = 2  # gathered by ZeRO-3 at once: the running layer + the prefetched one
 
-# --- CPU constants, calibrated on this repository's measurements (pi_lora.plan.validation)
+# --- CPU constants, calibrated on this repository's measurements (benchmarks.plan_validation)
 # Resident set of a process that has imported torch, transformers, peft and pi-lora and built
 # a 2-layer tiny model: measured 455-462 MiB (torch 2.13 CPU, transformers 5.23) across runs.
 CPU_RUNTIME_BYTES = 460 * 2**20
-# `pi-lora train` fixes glibc's mmap threshold on CPU (pi_lora.allocator), so freed activation
+# `pi-lora train` fixes glibc's mmap threshold on CPU (pi_lora.core.allocator), so freed activation
 # buffers leave the resident set and the peak follows the live tensors; what glibc still keeps
 # (small blocks in the heap, freed but not at its top) is a share on top of the transients.
 # Without that setting the resident set grows to the sum of several moments' transients
@@ -227,7 +227,7 @@ def loss_bytes(shape: ModelShape, setup: Setup) -> tuple[float, float, str]:
         stored += shape.vocab * shape.hidden * 4  # head weight gradient, fp32 accumulator
     note = f"chunked: {chunk} tokens x {v:,} at a time, no [T, V] logits"
     if setup.device_kind == "cpu" and e < 4:
-        # pi_lora.loss runs the head matmuls in fp32 on CPU: an fp32 copy of the head weight
+        # pi_lora.train.loss runs the head matmuls in fp32 on CPU: an fp32 copy of the head weight
         # lives for the loss's forward (where the gradients are computed too)
         working += v * shape.hidden * 4 + chunk * shape.hidden * 4
         note += "; fp32 head copy on CPU"
@@ -310,7 +310,7 @@ def _overhead(device: Device, transient: float) -> list[Term]:
         return [Term("python/torch runtime", CPU_RUNTIME_BYTES, "calibrated constant (CPU)"),
                 Term("allocator slack", transient * CPU_ALLOCATOR_SLACK,
                      f"{CPU_ALLOCATOR_SLACK:.0%} of the transient bytes; glibc with "
-                     "pi-lora's fixed mmap threshold (pi_lora.allocator)")]
+                     "pi-lora's fixed mmap threshold (pi_lora.core.allocator)")]
     return [Term("CUDA context", CUDA_CONTEXT_BYTES, "outside torch's allocator"),
             Term("allocator fragmentation", transient * CUDA_FRAGMENTATION,
                  f"{CUDA_FRAGMENTATION:.0%} of the transient bytes")]
@@ -339,7 +339,7 @@ def _host_bytes(shape: ModelShape, setup: Setup) -> int:
 
 def kept_attention_bytes(shape: ModelShape, setup: Setup) -> float:
     """training.recompute_attention false: every layer's attention output and softmax
-    log-sum-exp (fp32) stay from forward to backward (pi_lora/recompute.py)."""
+    log-sum-exp (fp32) stay from forward to backward (pi_lora/train/recompute.py)."""
     tokens = setup.local_tokens
     return shape.layers * tokens * shape.heads * (shape.head_dim * setup.dtype_bytes + 4)
 

@@ -1,6 +1,6 @@
 """RAM of `pi-lora merge` on the machine that holds the checkpoint (no GPU needed).
 
-The merge streams (pi_lora.fold): resident at once are one release shard being filled, the
+The merge streams (pi_lora.release.fold): resident at once are one release shard being filled, the
 tensor being folded (read, upcast to fp32, its LoRA delta), the adapter and the trained extras
 in fp32. The layer-by-layer check holds one decoder layer in fp32 and the probe's activations
 for both halves; the whole-model check holds the fp32 model twice over (merge.full_check_bytes).
@@ -16,7 +16,7 @@ from typing import Any
 from pi_lora.plan.devices import GIB
 from pi_lora.plan.memory import CPU_RUNTIME_BYTES
 from pi_lora.plan.shape import ModelShape
-from pi_lora.recipe import Recipe
+from pi_lora.recipe.loading import Recipe
 
 HUB_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size: what hub checkpoints use
 RELEASE_SHARD_BYTES = 5 * 10**9  # pi-lora merge's default --max-shard-size
@@ -46,7 +46,7 @@ class MergePlan:
 
 def plan_merge(recipe: Recipe, shape: ModelShape, probe_tokens: int) -> MergePlan:
     """The merge's RAM for this recipe's model, on any machine (GPU or not)."""
-    from pi_lora.merge_checks import full_check_bytes
+    from pi_lora.release.merge_checks import full_check_bytes
 
     shard, source = _base_shard_bytes(recipe)
     out = DTYPE_BYTES[recipe.model.dtype]

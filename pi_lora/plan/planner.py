@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pi_lora.errors import PiLoraError
+from pi_lora.core.errors import PiLoraError
 from pi_lora.plan.advice import SEQUENCE_PARALLEL, candidates
 from pi_lora.plan.compute import TimePlan, plan_time
 from pi_lora.plan.devices import Device
@@ -18,8 +18,8 @@ from pi_lora.plan.memory import MemoryPlan, plan_memory
 from pi_lora.plan.merging import MergePlan, plan_merge
 from pi_lora.plan.setup import Setup, setup_from_recipe
 from pi_lora.plan.shape import ModelShape, model_shape
-from pi_lora.recipe import Recipe
-from pi_lora.sequence_parallel import sequence_parallel_problems
+from pi_lora.recipe.loading import Recipe
+from pi_lora.train.sequence_parallel import sequence_parallel_problems
 
 FITS, FITS_WITH_OFFLOAD, DOES_NOT_FIT = "fits", "fits with offload", "does not fit"
 
@@ -76,14 +76,14 @@ def plan_recipe(recipe: Recipe, device: Device, *, gpus: int = 1, nodes: int = 1
 
 def _probe_tokens(recipe: Recipe, config: Any) -> int:
     """The merge check's default probe: 128 tokens past the original window."""
-    from pi_lora.rope import plan_rope
+    from pi_lora.model.rope import plan_rope
 
     rope = plan_rope(recipe.rope, config)
     return min(rope.target_context, rope.original_context + 128)
 
 
 def _config(recipe: Recipe) -> tuple[Any, str]:
-    from pi_lora.known_models import config_for_planning
+    from pi_lora.model.known_models import config_for_planning
 
     config, source = config_for_planning(recipe)
     if config is None:
@@ -96,7 +96,7 @@ def _plan(recipe: Recipe, shape: ModelShape, device: Device, gpus: int, nodes: i
           source: str) -> Plan:
     setup = setup_from_recipe(recipe, gpus=gpus, nodes=nodes, device_kind=device.kind)
     if setup.chunked_loss and setup.zero_stage == 3 and shape.head_trainable:
-        # as training does (pi_lora.trainer.loss_route): a sharded trainable head needs logits
+        # as training does (pi_lora.train.trainer.loss_route): a sharded trainable head needs logits
         setup = dataclasses.replace(setup, chunked_loss=False)
     return Plan(recipe.output_dir, source, device, shape, setup,
                 plan_memory(shape, setup, device), plan_time(shape, setup, device))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pi_lora.distributed import load_deepspeed_config, offload_sections, zero_stage
-from pi_lora.errors import PiLoraError
-from pi_lora.recipe import Recipe, resolve_deepspeed_config
-from pi_lora.sequence_parallel import data_parallel_size
+from pi_lora.core.errors import PiLoraError
+from pi_lora.recipe.loading import Recipe, resolve_deepspeed_config
+from pi_lora.train.distributed import load_deepspeed_config, offload_sections, zero_stage
+from pi_lora.train.sequence_parallel import data_parallel_size
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 

