@@ -14,6 +14,7 @@ import torch
 
 from pi_lora.recipe.dtypes import TORCH_DTYPES
 from pi_lora.run.directory import RunDir
+from pi_lora.run.finished import Run
 from pi_lora.run.trained import load_trained
 
 
@@ -25,7 +26,7 @@ def legacy_merge(run_path: Path, out: Path, dtype: str, max_shard_size: str) -> 
     plan = facts.rope_plan
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     work = "fp32" if facts.total_parameters * 8 < ram / 2 else dtype
-    model = load_trained(run, work, dequantize=True)
+    model = load_trained(Run.open(run_path), work, dequantize=True)
     length = min(plan.target_context, plan.original_context + 128)
     probe = torch.randint(0, model.config.vocab_size, (1, length),
                           generator=torch.Generator().manual_seed(0))

@@ -112,13 +112,18 @@ def make_tiny_model(out_dir: Path, family: str = "llama", *, max_positions: int 
     return out_dir
 
 
+def build_tiny(out: Path) -> tuple[Path, Path]:
+    """(model dir, corpus file) of recipes/tiny.yaml under `out` (`make tiny`, the golden test)."""
+    model = make_tiny_model(out / "model", tie_word_embeddings=True)
+    return model, write_corpus(out / "corpus.txt", n_docs=200)
+
+
 def main() -> None:
     """`python -m pi_lora.testing OUT_DIR`: the tiny model + corpus the tiny recipe uses."""
     import sys
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "build/tiny")
-    make_tiny_model(out / "model", tie_word_embeddings=True)
-    write_corpus(out / "corpus.txt", n_docs=200)
+    build_tiny(out)
     print(f"tiny model and corpus written to {out}")
 
 

@@ -18,6 +18,7 @@ from pi_lora.recipe.dtypes import TORCH_DTYPES
 from pi_lora.recipe.loading import load_recipe
 from pi_lora.release.merge import merge_run, verify_release
 from pi_lora.run.directory import RunDir
+from pi_lora.run.finished import Run
 from pi_lora.run.trained import load_trained
 from pi_lora.train.assembly import train
 
@@ -31,7 +32,7 @@ def _release_tensors(release: Path) -> dict[str, torch.Tensor]:
 
 def _whole_model_merge(run: RunDir, dtype: str) -> dict[str, torch.Tensor]:
     """What merge did before it streamed: peft's merge_and_unload on the whole fp32 model."""
-    merged = load_trained(run, "fp32", dequantize=True).merge_and_unload(safe_merge=True)
+    merged = load_trained(Run.open(run.path), "fp32", dequantize=True).merge_and_unload(safe_merge=True)
     merged = merged.to(TORCH_DTYPES[dtype])
     names = {n for n, _ in merged.named_parameters(remove_duplicate=True)}
     return {k: v for k, v in merged.state_dict().items() if k in names}
@@ -76,7 +77,7 @@ def test_streamed_release_is_bit_identical(tied_run: RunDir, dtype: str, tmp_pat
 
 def test_layer_check_agrees_with_whole_model_check(tied_run: RunDir, tmp_path: Path) -> None:
     full = merge_run(tied_run.path, tmp_path / "a", verify="full")
-    layers = verify_release(tied_run, tmp_path / "a", verify="layers")
+    layers = verify_release(tied_run.path, tmp_path / "a", verify="layers")
     assert layers.max_abs_diff == pytest.approx(full.max_abs_diff, abs=1e-6)
     assert layers.top1_agreement == full.top1_agreement == 1.0
     assert len(layers.layer_max_abs_diff) == 2 and max(layers.layer_max_abs_diff) < 1e-5
@@ -94,7 +95,7 @@ def test_check_catches_lost_rope_scaling(tied_run: RunDir, tmp_path: Path, mode:
     config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     config_path.write_text(json.dumps(config))
     with pytest.raises(PiLoraError, match="disagrees"):
-        verify_release(tied_run, tmp_path / "rel", verify=mode)  # type: ignore[arg-type]
+        verify_release(tied_run.path, tmp_path / "rel", verify=mode)  # type: ignore[arg-type]
 
 
 def test_layer_check_catches_a_corrupted_shard(tied_run: RunDir, tmp_path: Path) -> None:
@@ -106,10 +107,10 @@ def test_layer_check_catches_a_corrupted_shard(tied_run: RunDir, tmp_path: Path)
         data[i] ^= 0x5A
     shard.write_bytes(bytes(data))
     with pytest.raises(PiLoraError, match="disagrees"):
-        verify_release(tied_run, tmp_path / "rel", verify="layers")
+        verify_release(tied_run.path, tmp_path / "rel", verify="layers")
     shard.write_bytes(bytes(data[: header + 100]))  # truncated: a message, not a traceback
     with pytest.raises(PiLoraError, match=r"unreadable|disagrees"):
-        verify_release(tied_run, tmp_path / "rel", verify="layers")
+        verify_release(tied_run.path, tmp_path / "rel", verify="layers")
 
 
 def test_qlora_streams_into_the_dequantized_weights(tiny_models, write_recipe,
@@ -136,7 +137,7 @@ def test_layer_check_across_families(family: str, tiny_models, write_recipe,
     path = write_recipe(tiny_models(family), training={"max_steps": 2, "save_steps": 2})
     run = RunDir(train(load_recipe(path)))
     merge_run(run.path, tmp_path / "rel", verify="full")
-    layers = verify_release(run, tmp_path / "rel", verify="layers")
+    layers = verify_release(run.path, tmp_path / "rel", verify="layers")
     assert layers.relative_diff <= 1e-5 and layers.top1_agreement == 1.0
     assert len(layers.layer_max_abs_diff) == 2
 

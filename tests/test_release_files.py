@@ -15,6 +15,7 @@ from pi_lora.recipe.loading import ModelSection, load_recipe
 from pi_lora.release.merge import merge_run
 from pi_lora.release.model_card import base_license, hub_id, serving_notes
 from pi_lora.run.directory import RunDir
+from pi_lora.run.finished import Run
 from pi_lora.train.assembly import train
 
 
@@ -177,7 +178,7 @@ def test_a_pickled_adapter_is_refused_by_merge_and_eval(released, tmp_path: Path
     (copy / "adapter" / "adapter_model.safetensors").unlink()
     (copy / "adapter" / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle
     with pytest.raises(PiLoraError, match="pickled"):
-        load_trained(RunDir(copy))
+        load_trained(Run.open(copy))
     with pytest.raises(PiLoraError, match="pickled"):
         merge_run(copy, tmp_path / "rel")
     assert not (tmp_path / "rel").exists()

@@ -27,6 +27,7 @@ from pi_lora.core.run_lock import LOCK_ENV, RunLock
 from pi_lora.core.safe_paths import check_replaceable, remove_owned_dir
 from pi_lora.recipe.loading import load_recipe
 from pi_lora.run.directory import RUN_MARKER, RunDir
+from pi_lora.run.finished import Run
 from pi_lora.train.assembly import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,7 +267,7 @@ def test_a_full_disk_fails_clearly_and_the_rerun_proceeds(
         facts = run.read_facts()
         assert facts.status == "failed" and facts.failed_step is not None
         with pytest.raises(PiLoraError, match="failed"):
-            run.check_complete()
+            Run.open(run.path)
     assert RunDir(train(load_recipe(path))).read_facts().status == "complete"
 
 
@@ -308,7 +309,7 @@ def test_a_diverged_run_fails_and_keeps_its_last_good_checkpoint(
         assert weights.parent.name == last_good
         assert all(torch.isfinite(t).all() for t in _tensors(weights))
     with pytest.raises(PiLoraError, match="failed at step"):
-        run.check_complete()
+        Run.open(run.path)
 
 
 def test_a_huge_learning_rate_fails_the_run_and_a_fixed_rerun_replaces_it(
@@ -381,7 +382,7 @@ def test_check_complete_refuses_non_finite_weights(target: str, finished_run: Pa
     from safetensors.torch import load_file, save_file
 
     run = _copy_run(finished_run, tmp_path)
-    run.check_complete()
+    Run.open(run.path)
     path = run.adapter_dir / "adapter_model.safetensors" if target == "adapter" \
         else run.extras_path
     tensors = load_file(str(path))
@@ -389,7 +390,7 @@ def test_check_complete_refuses_non_finite_weights(target: str, finished_run: Pa
     tensors[name][0] = float("inf")
     save_file(tensors, str(path))
     with pytest.raises(PiLoraError, match="NaN/inf"):
-        run.check_complete()
+        Run.open(run.path)
 
 
 @pytest.mark.parametrize("status", ["training", "failed"])
@@ -400,7 +401,7 @@ def test_check_complete_refuses_an_unfinished_status(status: str, finished_run: 
                                                 "failed_step": 1})
     run.write_facts(facts)
     with pytest.raises(PiLoraError, match=r"has not finished|failed at step 1: crashed"):
-        run.check_complete()
+        Run.open(run.path)
 
 
 # ------------------------------------------------------------------ 5. one process per run
@@ -515,12 +516,12 @@ def test_merge_side_names_a_run_still_training(finished_run: Path, tmp_path: Pat
     holder = _hold_lock_in_child(run.path)
     try:
         with pytest.raises(PiLoraError, match=rf"still training: pid {holder.pid}"):
-            run.check_complete()
+            Run.open(run.path)
     finally:
         holder.kill()
         holder.wait()
     with pytest.raises(PiLoraError, match="stopped before it finished"):
-        run.check_complete()
+        Run.open(run.path)
 
 
 # ------------------------------------------------------------------ 8. integrity
@@ -531,19 +532,19 @@ def test_base_identity_is_checked(finished_run: Path, tmp_path: Path,
     from pi_lora.run.base_integrity import check_base_identity
 
     run = _copy_run(finished_run, tmp_path)
-    check_base_identity(run, allow_mismatch=False)
+    check_base_identity(Run.open(run.path), allow_mismatch=False)
     config = Path(run.load_recipe().model.name) / "config.json"
     original = config.read_text()
     try:
         config.write_text(original.replace("}", ', "pi_lora_tampered": 1}', 1)
                           if original.rstrip().endswith("}") else original + " ")
         with pytest.raises(PiLoraError, match=r"differs .*config\.json"):
-            check_base_identity(run, allow_mismatch=False)
-        check_base_identity(run, allow_mismatch=True)
+            check_base_identity(Run.open(run.path), allow_mismatch=False)
+        check_base_identity(Run.open(run.path), allow_mismatch=True)
         assert "WARNING" in capsys.readouterr().err
     finally:
         config.write_text(original)
-    check_base_identity(run, allow_mismatch=False)
+    check_base_identity(Run.open(run.path), allow_mismatch=False)
 
 
 def test_an_edited_base_path_is_caught(finished_run: Path, tmp_path: Path) -> None:
@@ -554,4 +555,4 @@ def test_an_edited_base_path_is_caught(finished_run: Path, tmp_path: Path) -> No
     raw["provenance"]["model"]["name"] = str(tmp_path / "another-model")
     run.facts_path.write_text(json.dumps(raw))
     with pytest.raises(PiLoraError, match=r"run\.json records base .*another-model"):
-        check_base_identity(run, allow_mismatch=False)
+        check_base_identity(Run.open(run.path), allow_mismatch=False)

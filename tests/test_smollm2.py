@@ -13,6 +13,7 @@ import pytest
 from pi_lora.model.packaged import smollm2_gguf
 from pi_lora.recipe.loading import load_recipe
 from pi_lora.release.merge import merge_run
+from pi_lora.run.finished import Run
 from pi_lora.train.assembly import train
 
 pytestmark = pytest.mark.slow
@@ -73,13 +74,13 @@ def test_smollm2_gguf_streams_tensor_by_tensor(gguf: Path, write_recipe, tmp_pat
     streamed: dict[str, torch.Tensor] = {}
     for shard in (tmp_path / "rel").glob("*.safetensors"):
         streamed.update(load_file(str(shard)))
-    whole = load_trained(run, "fp32", dequantize=True).merge_and_unload(safe_merge=True)
+    whole = load_trained(Run.open(run.path), "fp32", dequantize=True).merge_and_unload(safe_merge=True)
     names = {n for n, _ in whole.named_parameters(remove_duplicate=True)}
     expected = {k: v for k, v in whole.state_dict().items() if k in names}
     assert set(streamed) == set(expected)
     for name, tensor in expected.items():
         assert torch.equal(streamed[name], tensor), name
-    full = verify_release(run, tmp_path / "rel", verify="full", probe_tokens=1024)
+    full = verify_release(run.path, tmp_path / "rel", verify="full", probe_tokens=1024)
     assert report.max_abs_diff == pytest.approx(full.max_abs_diff, abs=1e-5)
     # the adapter's README code (GGUF base: dequantized by transformers) reproduces the release
     import re

@@ -56,14 +56,14 @@ def test_merged_logits_equal_base_plus_adapter(tiny_models, write_recipe, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from pi_lora.model.loading import load_model
-    from pi_lora.run.directory import apply_extras
+    from pi_lora.run.directory import apply_extras, load_extras
 
     recipe = load_recipe(write_recipe(tiny_models("llama"), training={"max_steps": 4}))
     run = RunDir(train(recipe))
     merge_run(run.path, tmp_path / "rel")
     plan = run.read_facts().rope_plan
     base = PeftModel.from_pretrained(load_model(recipe.model, plan), str(run.adapter_dir))
-    apply_extras(base, run.extras_path)
+    apply_extras(base, load_extras(run.extras_path))
     release = AutoModelForCausalLM.from_pretrained(str(tmp_path / "rel"))
     ids = torch.randint(0, 300, (1, 250), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -12,6 +12,7 @@ import torch
 
 from pi_lora.recipe.loading import load_recipe
 from pi_lora.run.directory import RunDir
+from pi_lora.run.finished import Run
 from pi_lora.run.trained import load_trained
 from pi_lora.train.assembly import train
 
@@ -32,7 +33,7 @@ def test_validation_sequences_are_evaluated(tiny_models, write_recipe) -> None:
 
     held_out = datasets.load_from_disk(str(Path(run.read_facts().data_cache) / "validation"))
     ids = torch.tensor(held_out["input_ids"])
-    model = load_trained(run)
+    model = load_trained(Run.open(run.path))
     with torch.no_grad():
         expected = model(input_ids=ids, labels=ids).loss.item()
     assert abs(evals[-1]["eval_loss"] - expected) < 1e-4 * max(1.0, expected)

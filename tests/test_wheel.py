@@ -42,6 +42,14 @@ def test_wheel_carries_configs_recipes_and_demo(installed: tuple[Path, Path]) ->
     for needed in ("pi_lora/deepspeed_configs/zero3.json", "pi_lora/deepspeed_configs/zero2.json",
                    "pi_lora/demo/base/model.safetensors", "pi_lora/demo/data/plays.jsonl.gz"):
         assert needed in names
+    # the product and the demo only: no measurement harness, no evidence runs, no benchmarks
+    modules = sorted(n for n in names if n.endswith(".py"))
+    sources = {f"pi_lora/{p.relative_to(REPO / 'pi_lora')}" for p in (REPO / "pi_lora").rglob("*.py")}
+    assert set(modules) == sources, sorted(set(modules) ^ sources)
+    assert not [n for n in names if n.startswith(("benchmarks/", "tests/"))]
+    for absent in ("harness", "validation", "smollm2", "longrope.py"):
+        assert not [n for n in modules if n.startswith(("pi_lora/plan/", "pi_lora/demo/"))
+                    and absent in n], absent
 
 
 def test_installed_wheel_resolves_shipped_files_outside_the_checkout(

@@ -98,8 +98,10 @@ def _release_process_group() -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Stream the run into a release shard by shard, verify it, publish it atomically."""
+    from pi_lora.core.allocator import tune_cpu_allocator
     from pi_lora.release.merge import merge_run
 
+    tune_cpu_allocator()  # this process only: each freed shard goes back to the OS at once
     report = merge_run(args.run_dir, args.output, dtype=args.dtype, probe_tokens=args.probe_tokens,
                        overwrite=args.overwrite, verify=args.verify, device=args.device,
                        max_shard_size=args.max_shard_size,

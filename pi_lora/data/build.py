@@ -25,13 +25,12 @@ import torch
 
 from pi_lora.core.digest import cache_root, file_sha256
 from pi_lora.core.errors import PiLoraError
+from pi_lora.data import IGNORE_INDEX, packing
 from pi_lora.data import files as records
-from pi_lora.data import packing
 from pi_lora.data.packing import ConversationCounts
 from pi_lora.data.pose import PoseSkips
 from pi_lora.recipe.loading import DataSection
 
-IGNORE_INDEX = -100
 _BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json",
              ".parquet": "parquet"}
 CACHE_VERSION = 4

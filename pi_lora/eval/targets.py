@@ -24,6 +24,7 @@ from pi_lora.recipe.dtypes import dtype_name
 from pi_lora.recipe.loading import MAX_CONTEXT, SCALING_METHODS, ModelSection
 from pi_lora.release.files import is_release
 from pi_lora.run.directory import RunDir
+from pi_lora.run.finished import Run
 from pi_lora.run.trained import load_trained
 
 
@@ -159,10 +160,8 @@ def _default_label(spec: str, kind: str, plan: RopePlan | None) -> str:
 
 def _run_target(spec: str, label: str | None, dtype: torch.dtype) -> EvalTarget:
     """Base + adapter + extras from a run directory, merged in memory for speed."""
-    run = RunDir(spec)
-    run.check_complete()
-    recipe = run.load_recipe()
-    plan = run.read_facts().rope_plan
+    run = Run.open(spec)
+    recipe, plan = run.recipe, run.plan
     section = recipe.model.model_copy(update={"dtype": dtype_name(dtype)})
 
     def load() -> ModelPair:

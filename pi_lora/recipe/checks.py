@@ -10,7 +10,12 @@ from typing import Any
 
 from pi_lora.core.errors import PiLoraError
 from pi_lora.core.safe_yaml import ERROR_VALUE_CHARS, cut
-from pi_lora.recipe.schema import SHIPPED_DEEPSPEED_DIR, DataSection, RopeSection
+from pi_lora.recipe.schema import (
+    SHIPPED_DEEPSPEED_DIR,
+    DataSection,
+    RopeSection,
+    training_length,
+)
 
 
 def cross_checks(sections: dict[str, Any]) -> list[PiLoraError]:
@@ -79,7 +84,7 @@ def _sequence_parallel_checks(training: Any, model: Any, data: Any,
     ]
     errors = [PiLoraError(why, field="training.sequence_parallel", fix=fix)
               for when, why, fix in refused if when]
-    seq_len = (data.seq_len if data is not None else None) or getattr(rope, "target_context", None)
+    seq_len = training_length(data, rope)
     if seq_len is not None and seq_len % n:
         errors.append(PiLoraError(f"training rows of {seq_len} tokens do not split into {n} "
                                   "equal slices", field="data.seq_len", fix=f"use a multiple of {n}"))
@@ -137,7 +142,7 @@ def _data_checks(data: DataSection, rope: RopeSection | None) -> list[PiLoraErro
         errors.append(PiLoraError(
             f"{data.seq_len} exceeds rope.target_context {rope.target_context}",
             field="data.seq_len", fix="train at or below the target window"))
-    seq_len = data.seq_len or (rope.target_context if rope is not None else None)
+    seq_len = training_length(data, rope)
     if data.short_mix and seq_len is not None and data.short_mix.seq_len >= seq_len:
         errors.append(PiLoraError(
             "must be shorter than the training length", field="data.short_mix.seq_len",

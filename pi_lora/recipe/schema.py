@@ -225,6 +225,13 @@ class TrainingSection(_Section):
         return self.per_device_batch_size * processes * self.accumulation_steps(processes)
 
 
+def training_length(data: DataSection | None, rope: RopeSection | None) -> int | None:
+    """data.seq_len, defaulting to rope.target_context: the one home of that default (None
+    while neither section is valid yet, in the cross-section checks)."""
+    return (data.seq_len if data is not None else None) or (
+        rope.target_context if rope is not None else None)
+
+
 class Recipe(_Section):
     model: ModelSection
     rope: RopeSection
@@ -236,7 +243,7 @@ class Recipe(_Section):
     @property
     def seq_len(self) -> int:
         """Training sequence length: the target window unless the recipe says otherwise."""
-        return self.data.seq_len or self.rope.target_context
+        return training_length(self.data, self.rope)  # type: ignore[return-value]
 
     def to_yaml(self) -> str:
         """Every setting, as a file that loads back to the same recipe (the run's copy)."""

@@ -17,81 +17,16 @@ from typing import Any
 
 import torch
 
-from pi_lora.model.base_weights import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TensorInfo, Weights
+from pi_lora.model.base_weights import SAFETENSORS_INDEX, TensorInfo, Weights
 from pi_lora.core.errors import PiLoraError
 from pi_lora.recipe.loading import ModelSection
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
-
-
-@dataclass
-class Adapter:
-    """LoRA pairs keyed by the base weight they change: name -> (A, B, scale), fp32."""
-
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    fan_in_fan_out: bool = False
-
-    def delta(self, name: str, device: torch.device) -> torch.Tensor | None:
-        """peft's delta weight: (B @ A) * scale, in fp32 on `device`."""
-        pair = self.pairs.get(name)
-        if pair is None:
-            return None
-        a, b, scale = pair
-        delta = (b.to(device) @ a.to(device)) * scale
-        return delta.T if self.fan_in_fan_out else delta
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b, _ in self.pairs.values())
-
-
-def read_adapter(adapter_dir: Path) -> Adapter:
-    """The run's saved peft adapter (safetensors only), checked for what the fold supports."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / ADAPTER_WEIGHTS
-    try:  # RunDir.check_complete has refused a missing or pickled adapter already
-        config = json.loads(config_path.read_text())
-        tensors = load_file(str(weights_path))
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise PiLoraError(f"{adapter_dir} is unreadable: {type(exc).__name__}: {str(exc)[:200]}",
-                          field="RUN_DIR", fix="resume the run so it saves its adapter again"
-                          ) from None
-    _check_adapter_config(config, adapter_dir)
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for key, a in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        module = key.split(".lora_A.")[0].removeprefix(_PEFT_PREFIX)
-        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
-        if b is None:
-            raise PiLoraError(f"{weights_path}: {key} has no lora_B partner", field="RUN_DIR",
-                              fix="resume the run so it saves its adapter again")
-        pairs[f"{module}.weight"] = (a.float(), b.float(), scale)
-    if not pairs:
-        raise PiLoraError(f"{weights_path} holds no LoRA weights", field="RUN_DIR",
-                          fix="point at a run directory written by `pi-lora train`")
-    return Adapter(pairs, bool(config.get("fan_in_fan_out")))
-
-
-def _check_adapter_config(config: dict[str, Any], adapter_dir: Path) -> None:
-    unsupported = [key for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
-                   if config.get(key)]
-    if config.get("bias", "none") != "none":
-        unsupported.append(f"bias={config['bias']}")
-    if config.get("peft_type", "LORA") != "LORA":
-        unsupported.append(f"peft_type={config['peft_type']}")
-    if unsupported:
-        raise PiLoraError(f"{adapter_dir}/adapter_config.json uses {unsupported}, which "
-                          "pi-lora's merge does not fold", field="RUN_DIR",
-                          fix="merge this adapter with peft's merge_and_unload instead")
+from pi_lora.run.finished import Adapter
 
 
 # --------------------------------------------------------------------------- base tensors
 
+
+SAFETENSORS_PATTERN = "model{suffix}.safetensors"  # save_pretrained's shard names
 
 @dataclass
 class BaseTensors:
@@ -161,9 +96,16 @@ def release_tensor_names(skeleton: Any) -> list[str]:
     return names
 
 
+Shards = list[tuple[str, list[TensorInfo]]]  # (file name, its tensors in writing order)
+
+
 def plan_shards(groups: list[list[TensorInfo]], wanted: list[str], out_dtype: torch.dtype,
-                max_shard_bytes: int) -> list[list[TensorInfo]]:
-    """Release shards in the base's storage order, each under `max_shard_bytes` when it can be."""
+                max_shard_bytes: int) -> Shards:
+    """Release shards as save_pretrained cuts and names them (huggingface_hub's
+    split_torch_state_dict_into_shards over meta tensors of the release dtype: no data read),
+    walking the base in its storage order."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
     wanted_set = set(wanted)
     present = {info.name for group in groups for info in group}
     missing = [name for name in wanted if name not in present]
@@ -172,20 +114,13 @@ def plan_shards(groups: list[list[TensorInfo]], wanted: list[str], out_dtype: to
             f"the base checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. "
             f"{missing[:3]}", field="model.name",
             fix="point model.name at the checkpoint the run was trained on")
-    size = out_dtype.itemsize
-    shards: list[list[TensorInfo]] = [[]]
-    filled = 0
-    for group in groups:
-        for info in group:
-            if info.name not in wanted_set:
-                continue
-            nbytes = info.numel * size
-            if shards[-1] and filled + nbytes > max_shard_bytes:
-                shards.append([])
-                filled = 0
-            shards[-1].append(info)
-            filled += nbytes
-    return shards
+    infos = {info.file_name: info for group in groups for info in group if info.name in wanted_set}
+    meta = {name: torch.empty(info.shape, dtype=out_dtype, device="meta")
+            for name, info in infos.items()}
+    split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_bytes,
+                                               filename_pattern=SAFETENSORS_PATTERN)
+    return [(file, [infos[name] for name in names])
+            for file, names in split.filename_to_tensors.items()]
 
 
 @dataclass
@@ -197,7 +132,7 @@ class FoldStats:
     largest_shard_bytes: int = 0
 
 
-def fold_release(out: Path, base: BaseTensors, adapter: Adapter, shards: list[list[TensorInfo]],
+def fold_release(out: Path, base: BaseTensors, adapter: Adapter, shards: Shards,
                  out_dtype: torch.dtype, device: torch.device) -> FoldStats:
     """Write the merged release shards into `out`, one shard in memory at a time."""
     from safetensors.torch import save_file
@@ -206,9 +141,7 @@ def fold_release(out: Path, base: BaseTensors, adapter: Adapter, shards: list[li
     weight_map: dict[str, str] = {}
     total = 0
     used = set()
-    for index, shard in enumerate(shards, start=1):
-        file = (SAFETENSORS_SINGLE if len(shards) == 1
-                else f"model-{index:05d}-of-{len(shards):05d}.safetensors")
+    for file, shard in shards:
         tensors: dict[str, torch.Tensor] = {}
         for info in shard:  # under the checkpoint's own names, as save_pretrained writes them
             tensors[info.file_name] = _merged(info.name, base, adapter, out_dtype, device, used,
@@ -231,7 +164,7 @@ def fold_release(out: Path, base: BaseTensors, adapter: Adapter, shards: list[li
 
 def _merged(name: str, base: BaseTensors, adapter: Adapter, out_dtype: torch.dtype,
             device: torch.device, used: set[str], stats: FoldStats) -> torch.Tensor:
-    # adapter and extras are known finite: RunDir.check_complete refused the run otherwise
+    # adapter and extras are known finite: Run.open refused the run otherwise
     stats.tensors += 1
     weight = base.read(name)
     stats.extras_applied += int(name in base.extras)

@@ -23,17 +23,14 @@ from typing import Any, Literal
 
 import torch
 
-from pi_lora.core.allocator import tune_cpu_allocator
 from pi_lora.release.model_card import model_card
 from pi_lora.model.base_weights import empty_model, open_base_weights
 from pi_lora.recipe.dtypes import TORCH_DTYPES
 from pi_lora.core.errors import PiLoraError
 from pi_lora.release.fold import (
-    Adapter,
     BaseTensors,
     fold_release,
     plan_shards,
-    read_adapter,
     release_tensor_names,
     requantizer,
 )
@@ -60,7 +57,8 @@ from pi_lora.release.files import (
     release_provenance,
 )
 from pi_lora.model.rope import RopePlan, apply_rope, with_legacy_rope_scaling
-from pi_lora.run.directory import RunDir, RunFacts, load_extras
+from pi_lora.run.directory import RunFacts
+from pi_lora.run.finished import Adapter, Run
 from pi_lora.model.serving import pin_vllm_window
 from pi_lora.run.trained import load_trained
 from pi_lora.release.verification import Comparison, compare_logits, verify_layers
@@ -99,29 +97,28 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
               overwrite: bool = False, verify: VerifyMode = "auto", device: str = "cpu",
               max_shard_size: str | int = DEFAULT_MAX_SHARD,
               allow_base_mismatch: bool = False) -> MergeReport:
-    """Fold adapter + extras into the base shard by shard, verify, publish atomically."""
+    """Fold adapter + extras into the base shard by shard, verify, publish atomically.
+
+    On CPU the caller should keep freed tensors from lingering in the heap (the CLI calls
+    pi_lora.core.allocator.tune_cpu_allocator) so the peak stays one shard's."""
     started = time.time()
-    tune_cpu_allocator()  # each freed tensor goes back to the OS: the peak stays one shard's
-    run = RunDir(run_path)
-    run.check_complete()
-    recipe = run.load_recipe()
-    facts = run.read_facts()
+    run = Run.open(run_path)
+    recipe, facts = run.recipe, run.facts
     out = Path(output_dir) if output_dir else Path("release") / run.path.resolve().name
     release_dtype: DType = dtype or recipe.model.dtype
-    check_output(out, overwrite, run, recipe)
+    check_output(out, overwrite, run.path, recipe)
     check_base_identity(run, allow_mismatch=allow_base_mismatch)
     on_device = resolve_device(device)
     mode = verify_mode(verify, facts)
-    check_probe(probe_tokens, facts.rope_plan)
+    check_probe(probe_tokens, run.plan)
     max_shard_bytes = parse_size(max_shard_size)
     clean_stale(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         with signals_raise():
             tmp.mkdir(parents=True)
-            inputs = open_inputs(run, recipe, facts.rope_plan)
-            stats = _fold(tmp, inputs, run, recipe, facts, release_dtype, on_device,
-                          max_shard_bytes)
+            inputs = open_inputs(run)
+            stats = _fold(tmp, inputs, run, release_dtype, on_device, max_shard_bytes)
             report = verify_release(run, tmp, verify=mode, probe_tokens=probe_tokens,
                                     dtype=release_dtype, device=device, inputs=inputs)
             report.release_dir = str(out)
@@ -142,19 +139,16 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
     return report
 
 
-def _publish(tmp: Path, out: Path, run: RunDir, recipe: Recipe) -> None:
+def _publish(tmp: Path, out: Path, run: Run, recipe: Recipe) -> None:
     """Replace `out` (only a release pi-lora wrote, checked again) by the verified `tmp`."""
     from pi_lora.release.files import is_release
     from pi_lora.core.safe_paths import remove_owned_dir
 
-    remove_owned_dir(out, owned=is_release, what="release", protect=protected_paths(run, recipe),
+    remove_owned_dir(out, owned=is_release, what="release", protect=protected_paths(run.path, recipe),
                      field="--output")
     if out.is_dir():  # an empty directory left in place: os.replace needs it gone
         out.rmdir()
     os.replace(tmp, out)
-
-
-# --------------------------------------------------------------------------- checks up front
 
 
 # --------------------------------------------------------------------------- the fold
@@ -179,28 +173,29 @@ class MergeInputs:
     adapter: Adapter
 
 
-def open_inputs(run: RunDir, recipe: Recipe, plan: RopePlan) -> MergeInputs:
-    config = reference_config(recipe, plan)
+def open_inputs(run: Run) -> MergeInputs:
+    recipe = run.recipe
+    config = reference_config(recipe, run.plan)
     skeleton = empty_model(config)
-    base = BaseTensors(open_base_weights(recipe.model, skeleton), load_extras(run.extras_path))
+    base = BaseTensors(open_base_weights(recipe.model, skeleton), run.extras)
     if recipe.model.quantization is not None:
         base.requantize, base.quantized = requantizer(recipe.model, skeleton)
-    return MergeInputs(config, skeleton, base, read_adapter(run.adapter_dir))
+    return MergeInputs(config, skeleton, base, run.adapter)
 
 
-def _fold(tmp: Path, inputs: MergeInputs, run: RunDir, recipe: Recipe, facts: RunFacts,
-          release_dtype: DType, device: torch.device, max_shard_bytes: int) -> Any:
+def _fold(tmp: Path, inputs: MergeInputs, run: Run, release_dtype: DType, device: torch.device,
+          max_shard_bytes: int) -> Any:
     out_dtype = TORCH_DTYPES[release_dtype]
     shards = plan_shards(inputs.base.weights.groups(), release_tensor_names(inputs.skeleton),
                          out_dtype, max_shard_bytes)
     stats = fold_release(tmp, inputs.base, inputs.adapter, shards, out_dtype, device)
-    _write_release_files(tmp, inputs.config, type(inputs.skeleton).__name__, recipe,
-                         facts.rope_plan, facts, release_dtype, run)
+    _write_release_files(tmp, inputs.config, type(inputs.skeleton).__name__, run.recipe,
+                         run.plan, run.facts, release_dtype)
     return stats
 
 
 def _write_release_files(out: Path, config: Any, architecture: str, recipe: Recipe,
-                         plan: RopePlan, facts: RunFacts, dtype: DType, run: RunDir) -> None:
+                         plan: RopePlan, facts: RunFacts, dtype: DType) -> None:
     config = copy.deepcopy(config)
     config.max_position_embeddings = plan.max_position_embeddings
     config.architectures = [architecture]
@@ -212,7 +207,7 @@ def _write_release_files(out: Path, config: Any, architecture: str, recipe: Reci
     load_tokenizer(recipe.model).save_pretrained(str(out))
     make_tokenizer_portable(out, plan.target_context, _base_tokenizer_class(recipe))
     _mirror_legacy_rope_scaling(out / "config.json", plan)
-    shutil.copy(run.recipe_path, out / RELEASE_RECIPE_FILE)
+    (out / RELEASE_RECIPE_FILE).write_text(recipe.to_yaml())  # the run's recipe, as read
     provenance = release_provenance(facts, dtype)
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     (out / "README.md").write_text(model_card(recipe, plan, facts, dtype, provenance))
@@ -252,7 +247,7 @@ def _mirror_legacy_rope_scaling(config_path: Path, plan: RopePlan) -> None:
 # --------------------------------------------------------------------------- verification
 
 
-def verify_release(run_path: str | Path | RunDir, release_dir: str | Path, *,
+def verify_release(run_path: str | Path | Run, release_dir: str | Path, *,
                    verify: Literal["full", "layers"] = "layers", probe_tokens: int | None = None,
                    dtype: DType | None = None, device: str = "cpu",
                    inputs: MergeInputs | None = None) -> MergeReport:
@@ -260,16 +255,15 @@ def verify_release(run_path: str | Path | RunDir, release_dir: str | Path, *,
 
     `inputs`: the base and adapter the merge already opened (opened here when not given)."""
     started = time.time()
-    run = run_path if isinstance(run_path, RunDir) else RunDir(run_path)
-    recipe, facts = run.load_recipe(), run.read_facts()
-    plan = facts.rope_plan
+    run = run_path if isinstance(run_path, Run) else Run.open(run_path)
+    recipe, plan = run.recipe, run.plan
     release_dtype: DType = dtype or recipe.model.dtype
     release = Path(release_dir)
     config = inputs.config if inputs is not None else reference_config(recipe, plan)
     probe = _probe_ids(config.vocab_size, plan, probe_tokens)
     quantized: Comparison | None = None
     if verify == "layers":
-        inputs = inputs or open_inputs(run, recipe, plan)
+        inputs = inputs or open_inputs(run)
         comparison = verify_layers(config, release, inputs.base, inputs.adapter, probe,
                                    resolve_device(device))
     else:
@@ -305,7 +299,7 @@ def _probe_ids(vocab_size: int, plan: RopePlan, probe_tokens: int | None) -> tor
     return torch.randint(0, vocab_size, (1, length), generator=generator)
 
 
-def _verify_full(run: RunDir, release: Path, probe: torch.Tensor,
+def _verify_full(run: Run, release: Path, probe: torch.Tensor,
                  quantized_run: bool) -> tuple[Comparison, Comparison | None]:
     """Whole models, one at a time: base + adapter (peft), then the release from disk."""
     from transformers import AutoModelForCausalLM

@@ -21,27 +21,27 @@ from pi_lora.core.errors import PiLoraError
 from pi_lora.model.loading import resolve_source
 from pi_lora.recipe.loading import Recipe
 from pi_lora.model.rope import RopePlan
-from pi_lora.run.directory import RunDir, RunFacts
+from pi_lora.run.directory import RunFacts
 
 VerifyMode = Literal["auto", "full", "layers"]
 
 
-def protected_paths(run: RunDir, recipe: Recipe) -> list[Path]:
+def protected_paths(run_path: Path, recipe: Recipe) -> list[Path]:
     """What a release directory may never be or contain: the run and the local base."""
-    protect = [run.path]
+    protect = [run_path]
     source = resolve_source(recipe.model)
     if source.is_local:
         protect.append(Path(source.path))
     return protect
 
 
-def check_output(out: Path, overwrite: bool, run: RunDir, recipe: Recipe) -> None:
+def check_output(out: Path, overwrite: bool, run_path: Path, recipe: Recipe) -> None:
     """Before any work: --output is new, empty, or (with --overwrite) a release pi-lora wrote."""
     from pi_lora.release.files import is_release
     from pi_lora.core.safe_paths import check_replaceable
 
     replaceable = check_replaceable(out, owned=is_release, what="release",
-                                    protect=protected_paths(run, recipe), field="--output")
+                                    protect=protected_paths(run_path, recipe), field="--output")
     if replaceable and not overwrite:
         raise PiLoraError(f"{out} already exists", field="--output",
                           fix="choose another --output, or pass --overwrite")
@@ -82,22 +82,19 @@ def check_probe(probe_tokens: int | None, plan: RopePlan) -> None:
 
 
 def parse_size(size: str | int) -> int:
-    """`5GB`, `200MB`, `512MiB` or bytes; a user error when it is none of them or not > 0."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    text = str(size).strip().upper()
-    factor = 1
-    for unit, scale in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if text.endswith(unit):
-            text, factor = text[: -len(unit)], scale
-            break
+    """`5GB`, `200MB`, `512MiB` or bytes, read as save_pretrained reads max_shard_size
+    (transformers' convert_file_size_to_int); a user error when it is none of them or not > 0."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    text = str(size).strip()
     try:
-        value = float(text) * factor
+        value = int(text) if text.isdigit() else convert_file_size_to_int(text)
     except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value >= 1):
-        raise PiLoraError(f"{str(size)[:40]!r} is not a size", field="--max-shard-size",
-                          fix="e.g. 5GB, 500MB or 2GiB")
-    return int(value)
+        value = 0
+    if value < 1:
+        raise PiLoraError(f"{text[:40]!r} is not a size", field="--max-shard-size",
+                          fix="a whole number and a unit, e.g. 5GB, 500MB or 2GiB")
+    return value
 
 
 def clean_stale(out: Path) -> None:

@@ -19,7 +19,8 @@ import torch
 
 from pi_lora.model.base_weights import SafetensorsWeights, empty_model
 from pi_lora.core.errors import PiLoraError
-from pi_lora.release.fold import Adapter, BaseTensors
+from pi_lora.release.fold import BaseTensors
+from pi_lora.run.finished import Adapter
 
 HEAD_ROWS = 8192  # vocabulary rows per chunk of the logits check
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from pi_lora.core.errors import PiLoraError
-from pi_lora.run.directory import RunDir
+from pi_lora.run.finished import Run
 from pi_lora.run.provenance import ModelIdentity, model_identity
 
 
@@ -32,7 +32,7 @@ def base_differences(recorded: ModelIdentity, current: ModelIdentity) -> list[st
     return found
 
 
-def check_base_identity(run: RunDir, *, allow_mismatch: bool) -> None:
+def check_base_identity(run: Run, *, allow_mismatch: bool) -> None:
     """Re-fingerprint the base model recipe.yaml names and compare it with run.json's record.
 
     Raises PiLoraError naming every difference (base path, hub revision, changed weight
@@ -42,8 +42,7 @@ def check_base_identity(run: RunDir, *, allow_mismatch: bool) -> None:
     """
     from pi_lora.model.loading import load_config
 
-    recipe = run.load_recipe()
-    facts = run.read_facts()
+    recipe, facts = run.recipe, run.facts
     recorded = facts.provenance.model
     if recorded is None:
         why = facts.provenance.error or "not recorded by the pi-lora that trained it"

@@ -287,24 +287,26 @@ class RunDir:
                               fix="point at a directory written by `pi-lora train`")
         return load_recipe(self.recipe_path)
 
-    def check_complete(self) -> None:
-        """Merge and eval refuse a run that did not finish well: status not complete (still
-        training, killed, failed), a missing adapter file, or non-finite adapter / extras."""
-        self.load_recipe()
-        facts = self.read_facts()
+    def latest_checkpoint_hint(self) -> str:
         ckpt = self.latest_checkpoint()
-        resume = f"; latest checkpoint: {ckpt.name}" if ckpt else ""
+        return f"; latest checkpoint: {ckpt.name}" if ckpt else ""
+
+    def check_finished(self, facts: RunFacts) -> None:
+        """Merge and eval refuse a run that did not finish well: status not complete (still
+        training, killed, failed) or a missing adapter file. The weights' contents are checked
+        where they are read (pi_lora.run.finished)."""
+        resume = self.latest_checkpoint_hint()
         if facts.status == "failed":
             raise PiLoraError(f"the run failed at step {facts.failed_step}: {facts.failure}",
                               field="RUN_DIR",
-                              fix=f"fix the cause and `pi-lora train --resume`{resume}")
+                              fix=f"fix the cause and `pi-lora train RECIPE --resume`{resume}")
         if facts.status != "complete":
             busy = holder(self.path)
             state = f"still training: {busy}" if busy else "stopped before it finished"
             raise PiLoraError(f"the run has not finished (run.json status {facts.status!r}, "
                               f"{state}{resume})", field="RUN_DIR",
                               fix="let `pi-lora train` finish" if busy
-                              else "resume it with `pi-lora train --resume`")
+                              else "resume it with `pi-lora train RECIPE --resume`")
         weights = self.adapter_dir / "adapter_model.safetensors"
         if not weights.is_file() and (self.adapter_dir / "adapter_model.bin").is_file():
             raise PiLoraError(f"{weights} is missing: only a pickled adapter_model.bin is there, "
@@ -316,23 +318,7 @@ class RunDir:
         for path in needed:
             if not path.is_file():
                 raise PiLoraError(f"{path} is missing{resume}", field="RUN_DIR",
-                                  fix="resume the run with `pi-lora train --resume`")
-        for path in [*self.adapter_dir.glob("*.safetensors"), self.extras_path]:
-            bad = nonfinite_tensors(path)
-            if bad:
-                raise PiLoraError(f"{path} holds NaN/inf values ({', '.join(bad[:3])})",
-                                  field="RUN_DIR",
-                                  fix=f"retrain with a lower training.learning_rate{resume}")
-
-
-def nonfinite_tensors(path: Path) -> list[str]:
-    """Names of the tensors in a safetensors file holding NaN or inf ([] if none or no file)."""
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        return []
-    return [name for name, tensor in load_file(str(path)).items()
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+                                  fix="resume the run with `pi-lora train RECIPE --resume`")
 
 
 def _legacy_false_start(path: Path) -> bool:
@@ -372,15 +358,14 @@ def load_extras(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path)) if path.is_file() else {}
 
 
-def apply_extras(model: Any, path: Path) -> int:
-    """Copy saved extras into a base or peft-wrapped model; returns how many were applied.
+def apply_extras(model: Any, extras: dict[str, torch.Tensor]) -> int:
+    """Copy trained extras into a base or peft-wrapped model; returns how many were applied.
 
-    Names are matched on base-model keys, so the same file serves resume (peft model),
+    Names are matched on base-model keys, so the same tensors serve resume (peft model),
     merge (bare base) and eval. A name or shape mismatch means the wrong base model.
     """
     from pi_lora.model.loading import base_parameter_name
 
-    extras = load_extras(path)
     params = {base_parameter_name(n): p for n, p in model.named_parameters()}
     for name, tensor in extras.items():
         own = params.get(name)

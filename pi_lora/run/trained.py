@@ -9,10 +9,11 @@ from pi_lora.model.loading import compute_4bit_as_trained, load_model
 from pi_lora.model.rope import RopePlan
 from pi_lora.recipe.dtypes import torch_dtype
 from pi_lora.recipe.loading import DType, Recipe
-from pi_lora.run.directory import RunDir, apply_extras
+from pi_lora.run.directory import apply_extras
+from pi_lora.run.finished import Run
 
 
-def load_trained(run: RunDir, dtype: DType | None = None, *, dequantize: bool = False) -> Any:
+def load_trained(run: Run, dtype: DType | None = None, *, dequantize: bool = False) -> Any:
     """A peft model (eval mode): base with the run's rope plan and extras, plus its adapter.
 
     A QLoRA run's base is 4-bit; `dequantize=True` gives the dequantized weights the adapter
@@ -21,17 +22,15 @@ def load_trained(run: RunDir, dtype: DType | None = None, *, dequantize: bool = 
     """
     from peft import PeftModel
 
-    run.check_complete()
-    recipe = run.load_recipe()
-    plan = run.read_facts().rope_plan
+    recipe, plan = run.recipe, run.plan
     work_dtype: DType = dtype or recipe.model.dtype
     if recipe.model.quantization is not None and dequantize:
         base = dequantized_base(recipe, plan, work_dtype)
     else:
         base = load_model(recipe.model, plan, dtype=work_dtype)
         compute_4bit_as_trained(base)
-    apply_extras(base, run.extras_path)
-    model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    apply_extras(base, run.extras)
+    model = PeftModel.from_pretrained(base, str(run.directory.adapter_dir))
     model.eval()
     return model
 

@@ -14,16 +14,9 @@ import torch
 from pi_lora.core.errors import PiLoraError
 from pi_lora.recipe.loading import Recipe, resolve_deepspeed_config
 from pi_lora.run.directory import RunDir
-from pi_lora.train.distributed import adapt_deepspeed_config, load_deepspeed_config, process_info
+from pi_lora.train.distributed import adapt_deepspeed_config, load_deepspeed_config, world_size
 from pi_lora.train.recompute import checkpoint_kwargs
 from pi_lora.train.sequence_parallel import data_parallel_size, parallelism_config
-
-# TensorBoard's folder when the user set one before pi-lora ran; else each run's own
-_USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
-
-
-def _world_size() -> int:
-    return process_info().world_size
 
 
 def progress_callback(run: RunDir, tokens_per_step: float, is_main: bool) -> Any:
@@ -76,7 +69,7 @@ def _fmt_seconds(seconds: float) -> str:
         else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _report_to(recipe: Recipe) -> list[str]:
+def _reporters(recipe: Recipe) -> list[str]:
     choice = recipe.training.report_to
     if choice == "auto":
         return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
@@ -88,6 +81,19 @@ def _report_to(recipe: Recipe) -> list[str]:
     return [choice]
 
 
+def tensorboard_callback(recipe: Recipe, run: RunDir, is_main: bool) -> Any | None:
+    """TensorBoard events in the run's own folder (TENSORBOARD_LOGGING_DIR, when the user set
+    it, wins), through a writer handed to transformers' callback: transformers 5 would read
+    the folder from the environment, and a library call must not write the environment."""
+    if not is_main or "tensorboard" not in _reporters(recipe):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    folder = os.environ.get("TENSORBOARD_LOGGING_DIR") or str(run.path / "tensorboard")
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=folder))
+
+
 def training_arguments(recipe: Recipe, run: RunDir,
                        accelerator_config: dict[str, Any] | None = None, *,
                        evaluate: bool = False) -> Any:
@@ -95,16 +101,12 @@ def training_arguments(recipe: Recipe, run: RunDir,
     from transformers import TrainingArguments
 
     t = recipe.training
-    # transformers 5 takes the tensorboard directory from the environment only
-    # each run its own folder (a second train() in one process must not reuse the first's),
-    # unless the user chose one for every run
-    os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(run.path / "tensorboard")
     on_cpu = not torch.cuda.is_available()
     extra: dict[str, Any] = {}
     if accelerator_config:
         extra["accelerator_config"] = accelerator_config
     if t.sequence_parallel > 1:  # DeepSpeed Ulysses over groups of N processes
-        extra["parallelism_config"] = parallelism_config(recipe, _world_size())
+        extra["parallelism_config"] = parallelism_config(recipe, world_size())
     if evaluate:  # loss on data.validation_sequences held out of training, every eval_steps
         extra.update(eval_strategy="steps", eval_steps=t.eval_steps or t.save_steps,
                      per_device_eval_batch_size=t.per_device_batch_size,
@@ -114,13 +116,13 @@ def training_arguments(recipe: Recipe, run: RunDir,
         warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
         max_grad_norm=t.max_grad_norm, per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.accumulation_steps(data_parallel_size(t, _world_size())),
+        gradient_accumulation_steps=t.accumulation_steps(data_parallel_size(t, world_size())),
         **_checkpointing_arguments(TrainingArguments, t.gradient_checkpointing,
                                    t.recompute_attention),
         bf16=t.precision == "bf16", fp16=t.precision == "fp16", seed=t.seed, data_seed=t.seed,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         save_on_each_node=t.save_on_each_node,
-        logging_steps=t.logging_steps, report_to=_report_to(recipe),
+        logging_steps=t.logging_steps, report_to=[r for r in _reporters(recipe) if r != "tensorboard"],
         deepspeed=deepspeed_config(recipe), disable_tqdm=True, remove_unused_columns=False,
         # use_cpu: the Trainer's bf16 check otherwise demands a GPU; bf16 autocast runs on CPU
         use_cpu=on_cpu, optim="adamw_torch",

@@ -37,10 +37,11 @@ from pi_lora.run.adapter_card import write_adapter_card
 from pi_lora.run.directory import EXTRAS_FILE, RunDir, RunFacts, RunProvenance
 from pi_lora.run.outcome import describe_failure, disk_full_error, is_disk_full, record_failure
 from pi_lora.run.provenance import IdentityJob, software
-from pi_lora.train.arguments import progress_callback, training_arguments
+from pi_lora.train.arguments import progress_callback, tensorboard_callback, training_arguments
 from pi_lora.train.distributed import (
     prepare_processes,
     process_info,
+    world_size,
 )
 from pi_lora.train.sequence_parallel import (
     ShardedRows,
@@ -58,13 +59,9 @@ def check_training_device(recipe: Recipe) -> None:
                           fix="set it to false: on CPU the checkpoints already live in host memory")
 
 
-def _world_size() -> int:
-    return process_info().world_size
-
-
 def _groups(recipe: Recipe) -> int:
     """Data-parallel groups: processes, or groups of sequence_parallel processes."""
-    return data_parallel_size(recipe.training, _world_size())
+    return data_parallel_size(recipe.training, world_size())
 
 
 def _is_main() -> bool:
@@ -120,7 +117,7 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool,
     if note:
         print(f"pi-lora: note: {note}", file=sys.stderr)
     config = load_config(recipe.model)
-    check_launch(recipe, config, _world_size())
+    check_launch(recipe, config, world_size())
     plan = plan_rope(recipe.rope, config)
     prepares = _prepares_run_dir(recipe)  # other ranks would race its mkdir
     replace = prepares and run.check_start(recipe, resume=resume, overwrite=overwrite,
@@ -208,7 +205,7 @@ def _announce(recipe: Recipe, plan: RopePlan, built: BuiltData, trainable: int, 
 def _parallel(recipe: Recipe) -> str:
     n = recipe.training.sequence_parallel
     if n == 1:
-        return f"{_world_size()} processes"
+        return f"{world_size()} processes"
     return f"{_groups(recipe)} group(s) of {n} processes sharing each sequence"
 
 
@@ -278,7 +275,8 @@ def _build_trainer(recipe: Recipe, run: RunDir, args: Any, model: Any, tokenizer
     trainer = trainer_class()(
         model=model, args=args, train_dataset=built.train, eval_dataset=built.validation,
         data_collator=_collator(recipe, tokenizer),
-        callbacks=[progress_callback(run, tokens_per_step, _is_main())],
+        callbacks=[progress_callback(run, tokens_per_step, _is_main()),
+                   *filter(None, [tensorboard_callback(recipe, run, _is_main())])],
         chunk_tokens=t.loss_chunk_tokens if chunked else None,
         offload_checkpoints=t.offload_checkpoints,
         extras_names=tuple(extras_parameter_names(model, recipe.lora.trainable_extras)))
@@ -326,7 +324,7 @@ def _start_facts(recipe: Recipe, plan: RopePlan, extras: list[str], trainable: i
         extras=[base_parameter_name(n) for n in extras],
         trainable_parameters=trainable, total_parameters=total,
         train_sequences=built.sequences, train_tokens=built.tokens,
-        seq_len=recipe.seq_len, world_size=_world_size(),
+        seq_len=recipe.seq_len, world_size=world_size(),
         data_cache=str(built.cache_path) if built.cache_path else None,
         epochs_for_max_steps=_epochs(recipe, built.sequences) if built.sequences else None,
         cpu_allocator=allocator)

@@ -48,6 +48,16 @@ def process_info() -> ProcessInfo:
                        launched=launched)
 
 
+def world_size() -> int:
+    """Processes in the job: the initialized group's size, else what the launcher exported
+    (so checks made before the group exists see the same number)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return process_info().world_size
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now (for one-process groups and tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pi_lora.data import IGNORE_INDEX
+
 DEFAULT_CHUNK_TOKENS = 256  # = the schema default (training.loss_chunk_tokens)
 
 
@@ -25,7 +27,7 @@ def chunked_lm_loss(
     labels: Tensor,
     *,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     bias: Tensor | None = None,
     logit_softcap: float | None = None,
     num_items_in_batch: Tensor | int | None = None,
@@ -54,7 +56,7 @@ def chunked_lm_loss(
     )
 
 
-def shift_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
+def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """labels[B,T] -> targets[B,T] where targets[:, t] = labels[:, t+1] and the last is ignored."""
     return nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
 
@@ -306,7 +308,7 @@ def _liger_loss(
         weight=head.weight,
         target=targets,
         bias=head.bias,
-        ignore_index=-100,
+        ignore_index=IGNORE_INDEX,
         reduction=reduction,
         softcap=softcap,
     )

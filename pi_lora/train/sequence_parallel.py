@@ -28,11 +28,11 @@ from typing import Any
 import torch
 
 from pi_lora.core.errors import PiLoraError
+from pi_lora.data import IGNORE_INDEX
 from pi_lora.recipe.loading import Recipe, TrainingSection, resolve_deepspeed_config
-from pi_lora.train.distributed import load_deepspeed_config, zero_stage
+from pi_lora.train.distributed import load_deepspeed_config, world_size, zero_stage
 
 FIELD = "training.sequence_parallel"
-IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------- checks
@@ -345,16 +345,10 @@ def _check_tileable(mlp: torch.nn.Module, sharded_gradients: bool) -> None:
                           "draw another mask", field="lora.dropout",
                           fix="set lora.dropout: 0, or drop training.tiled_mlp")
     trains = any(p.requires_grad for p in mlp.parameters())
-    if trains and not sharded_gradients and _processes() > 1:
+    if trains and not sharded_gradients and world_size() > 1:
         raise PiLoraError("the MLP trains (LoRA on its projections), and only ZeRO-3 reduces "
                           "a tiled MLP's gradients once per step", field="training.tiled_mlp",
                           fix="use training.deepspeed: zero3, or LoRA on attention only")
-
-
-def _processes() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _tiled_forward(mlp: torch.nn.Module, tiled: Any) -> Any:
@@ -363,7 +357,7 @@ def _tiled_forward(mlp: torch.nn.Module, tiled: Any) -> Any:
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # x: [B, T, D]
         tiles = torch.tensor(max(1, -(-x.shape[-2] // x.shape[-1])), device=x.device)
-        if _processes() > 1:  # ZeRO-3 gathers weights per tile call: every rank the same count
+        if world_size() > 1:  # ZeRO-3 gathers weights per tile call: every rank the same count
             import torch.distributed as dist
 
             dist.all_reduce(tiles, op=dist.ReduceOp.MAX)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pi_lora.model.loading import base_parameter_name
-from pi_lora.run.directory import EXTRAS_FILE, apply_extras, save_extras
+from pi_lora.run.directory import EXTRAS_FILE, apply_extras, load_extras, save_extras
 
 
 class ChunkedLoss:
@@ -123,7 +123,7 @@ class ExtrasCheckpoints:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        apply_extras(model or self.model, Path(resume_from_checkpoint) / EXTRAS_FILE)
+        apply_extras(model or self.model, load_extras(Path(resume_from_checkpoint) / EXTRAS_FILE))
 
 
 class MasterWeightsSave:
