@@ -61,3 +61,26 @@ def write_recipe(tmp_path: Path, corpus: Path) -> Any:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny complete run (2 steps) on its own copy of the base, for the read-side tests
+    (copy it before changing it)."""
+    from pi_lora.recipe.loading import load_recipe
+    from pi_lora.testing import make_tiny_model, write_corpus
+    from pi_lora.train.assembly import train
+
+    root = tmp_path_factory.mktemp("finished")
+    model = make_tiny_model(root / "model")
+    corpus = write_corpus(root / "corpus.txt", n_docs=40)
+    recipe = {
+        "model": {"name": str(model), "dtype": "fp32"},
+        "rope": {"method": "linear", "target_context": 256},
+        "lora": {"r": 4, "alpha": 8, "trainable_extras": ["norms"]},
+        "data": {"files": [str(corpus)], "cache_dir": str(root / "cache")},
+        "training": {"max_steps": 2, "per_device_batch_size": 2, "precision": "fp32",
+                     "save_steps": 2, "report_to": "none"},
+        "output_dir": str(root / "run")}
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return train(load_recipe(root / "recipe.yaml"))

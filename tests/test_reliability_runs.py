@@ -348,28 +348,6 @@ def test_the_cli_exits_non_zero_on_divergence(tiny_models, write_recipe, tmp_pat
     assert not (tmp_path / "rel").exists()
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny complete run (2 steps) on its own copy of the base, for the read-side tests."""
-    from pi_lora.testing import make_tiny_model, write_corpus
-
-    root = tmp_path_factory.mktemp("finished")
-    model = make_tiny_model(root / "model")
-    corpus = write_corpus(root / "corpus.txt", n_docs=40)
-    recipe = {
-        "model": {"name": str(model), "dtype": "fp32"},
-        "rope": {"method": "linear", "target_context": 256},
-        "lora": {"r": 4, "alpha": 8, "trainable_extras": ["norms"]},
-        "data": {"files": [str(corpus)], "cache_dir": str(root / "cache")},
-        "training": {"max_steps": 2, "per_device_batch_size": 2, "precision": "fp32",
-                     "save_steps": 2, "report_to": "none"},
-        "output_dir": str(root / "run")}
-    import yaml
-
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return train(load_recipe(root / "recipe.yaml"))
-
-
 def _copy_run(finished: Path, tmp_path: Path) -> RunDir:
     copy = tmp_path / "run"
     shutil.copytree(finished, copy)

@@ -25,12 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pi_lora.core.errors import PiLoraError
+from pi_lora.core.safe_paths import canonical
 
 LOCK_ENV = "PI_LORA_RUN_LOCK"  # {"path": lock file, "pid": holder}: handed to launched ranks
 
 
 def lock_path(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir).absolute()
+    run_dir = canonical(run_dir)  # a symlinked output_dir locks the directory it names
     return run_dir.parent / f".{run_dir.name}.lock"
 
 

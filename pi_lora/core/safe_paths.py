@@ -22,6 +22,14 @@ from pathlib import Path
 from pi_lora.core.errors import PiLoraError
 
 
+def canonical(path: str | Path) -> Path:
+    """The one spelling of a path that every lock and output check compares: `~` expanded,
+    symbolic links and `..` resolved. Two names of one directory (`runs/latest -> runs/x`,
+    `a/../x`) then share one lock file; a bind mount needs nothing more, since the lock lies
+    in the directory's parent, which is the same directory through either mount point."""
+    return Path(path).expanduser().resolve()
+
+
 def _is_within(inner: Path, outer: Path) -> bool:
     """inner == outer or inner lies below outer (both already resolved)."""
     return inner == outer or outer in inner.parents
@@ -73,6 +81,27 @@ def remove_owned_dir(path: str | Path, *, owned: Callable[[Path], bool], what: s
     """Delete `path` after `check_replaceable` allowed it; an empty directory is kept as is."""
     if check_replaceable(path, owned=owned, what=what, protect=protect, field=field):
         shutil.rmtree(path)
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it (Linux /proc); 0o022 where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def follow_umask(root: Path) -> None:
+    """Give every file under `root` the mode a plain open() would: safetensors writes its
+    files 0600 (through a private temporary file), so a serving container or a teammate could
+    not read a release or an adapter whose other files are world-readable."""
+    mode = 0o666 & ~process_umask()
+    for path in [root] if root.is_file() else root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 @contextlib.contextmanager

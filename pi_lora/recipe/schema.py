@@ -123,8 +123,9 @@ class PoseOptions(_Section):
     """PoSE: positions skip ahead inside each training row, so a short row teaches the
     whole target window (Zhu et al. 2024); needs data.seq_len below rope.target_context."""
 
-    chunks: Annotated[int, Field(ge=1, le=64)] = Field(
-        2, description="pieces per row; the paper uses 2")
+    chunks: Annotated[int, Field(ge=2, le=64)] = Field(
+        2, description="pieces per row, at least 2 (one piece has no skip: it would train "
+                       "only positions below seq_len); the paper uses 2")
 
 
 class InstructionFields(_Section):

@@ -12,8 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pi_lora.run.provenance import software
 from pi_lora.run.directory import RunFacts
+from pi_lora.run.provenance import software
 
 RELEASE_RECIPE_FILE = "pi_lora_recipe.yaml"
 MERGE_REPORT_FILE = "merge_report.json"

@@ -9,7 +9,6 @@ base weight in fp32, cast once to the release dtype.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,10 @@ from typing import Any
 
 import torch
 
-from pi_lora.model.base_weights import SAFETENSORS_INDEX, TensorInfo, Weights
 from pi_lora.core.errors import PiLoraError
+from pi_lora.model.base_weights import SAFETENSORS_INDEX, TensorInfo, Weights
 from pi_lora.recipe.loading import ModelSection
 from pi_lora.run.finished import Adapter
-
 
 # --------------------------------------------------------------------------- base tensors
 

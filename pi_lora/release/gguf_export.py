@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pi_lora.core.errors import PiLoraError
-from pi_lora.model.rope import flat_rope_parameters
-from pi_lora.run.directory import RunDir
 from pi_lora.core.safe_paths import staged_file
+from pi_lora.model.rope import flat_rope_parameters
 from pi_lora.model.serving import DYNAMIC_WARNING
+from pi_lora.run.directory import RunDir
 
 OutType = Literal["f16", "f32", "bf16", "q8_0"]
 OUTTYPES: tuple[OutType, ...] = ("f16", "f32", "bf16", "q8_0")
@@ -79,7 +79,12 @@ def expected_rope(release: Path) -> RopeFacts:
     before minutes of conversion."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(release))
+    try:
+        config = AutoConfig.from_pretrained(str(release))
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # garbled JSON, unknown model
+        raise PiLoraError(f"{release / 'config.json'} is unreadable: {str(exc)[:200]}",
+                          field="RELEASE_DIR", fix="merge the run again into a fresh "
+                          "release (`pi-lora merge RUN --output DIR --overwrite`)") from None
     params = flat_rope_parameters(config)
     rope_type = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta") or getattr(config, "rope_theta", 10000.0))

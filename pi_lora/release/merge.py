@@ -12,21 +12,35 @@ too big to hold twice (pi_lora.release.verification).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 
-from pi_lora.release.model_card import model_card
-from pi_lora.model.base_weights import empty_model, open_base_weights
-from pi_lora.recipe.dtypes import TORCH_DTYPES
 from pi_lora.core.errors import PiLoraError
+from pi_lora.core.run_lock import RunLock
+from pi_lora.model.base_weights import empty_model, open_base_weights
+from pi_lora.model.loading import apply_sliding_window, load_config, load_tokenizer, resolve_source
+from pi_lora.model.rope import RopePlan, apply_rope, with_legacy_rope_scaling
+from pi_lora.model.serving import pin_vllm_window
+from pi_lora.recipe.dtypes import TORCH_DTYPES
+from pi_lora.recipe.loading import DType, Recipe
+from pi_lora.release.files import (
+    MERGE_REPORT_FILE,
+    PROVENANCE_FILE,
+    RELEASE_RECIPE_FILE,
+    make_tokenizer_portable,
+    release_provenance,
+)
 from pi_lora.release.fold import (
     BaseTensors,
     fold_release,
@@ -34,7 +48,6 @@ from pi_lora.release.fold import (
     release_tensor_names,
     requantizer,
 )
-from pi_lora.run.base_integrity import check_base_identity
 from pi_lora.release.merge_checks import (
     VerifyMode,
     check_output,
@@ -46,22 +59,13 @@ from pi_lora.release.merge_checks import (
     signals_raise,
     verify_mode,
 )
-from pi_lora.model.loading import apply_sliding_window, load_config, load_tokenizer, resolve_source
-from pi_lora.run.outcome import is_disk_full
-from pi_lora.recipe.loading import DType, Recipe
-from pi_lora.release.files import (
-    MERGE_REPORT_FILE,
-    PROVENANCE_FILE,
-    RELEASE_RECIPE_FILE,
-    make_tokenizer_portable,
-    release_provenance,
-)
-from pi_lora.model.rope import RopePlan, apply_rope, with_legacy_rope_scaling
+from pi_lora.release.model_card import model_card
+from pi_lora.release.verification import Comparison, compare_logits, verify_layers
+from pi_lora.run.base_integrity import check_base_identity
 from pi_lora.run.directory import RunFacts
 from pi_lora.run.finished import Adapter, Run
-from pi_lora.model.serving import pin_vllm_window
+from pi_lora.run.outcome import is_disk_full
 from pi_lora.run.trained import load_trained
-from pi_lora.release.verification import Comparison, compare_logits, verify_layers
 
 # max |logit difference| relative to max |logit|, by release dtype (rounding of merged weights)
 RELATIVE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
@@ -106,13 +110,38 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
     recipe, facts = run.recipe, run.facts
     out = Path(output_dir) if output_dir else Path("release") / run.path.resolve().name
     release_dtype: DType = dtype or recipe.model.dtype
-    check_output(out, overwrite, run.path, recipe)
+    check_output(out, overwrite, run.path, recipe)  # before any work; again under the lock
     check_base_identity(run, allow_mismatch=allow_base_mismatch)
     on_device = resolve_device(device)
     mode = verify_mode(verify, facts)
     check_probe(probe_tokens, run.plan)
     max_shard_bytes = parse_size(max_shard_size)
-    clean_stale(out)
+    with _output_lock(out):
+        check_output(out, overwrite, run.path, recipe)  # again: the lock is ours now
+        clean_stale(out)
+        return _build_and_publish(run, out, release_dtype, on_device, max_shard_bytes, mode,
+                                  probe_tokens, device, overwrite, started)
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """One merge per --output at a time: a second one is refused up front, not after the work."""
+    try:
+        lock = RunLock.acquire(out)
+    except PiLoraError as err:
+        raise PiLoraError(f"{out} is being written by another pi-lora merge ({err.message})",
+                          field="--output", fix="wait for it, or choose another --output"
+                          ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _build_and_publish(run: Run, out: Path, release_dtype: DType, on_device: torch.device,
+                       max_shard_bytes: int, mode: Literal["full", "layers"],
+                       probe_tokens: int | None, device: str, overwrite: bool,
+                       started: float) -> MergeReport:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         with signals_raise():
@@ -126,9 +155,9 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
             report.shards, report.largest_shard_bytes = stats.shards, stats.largest_shard_bytes
             report.lora_folded, report.extras_applied = stats.lora_folded, stats.extras_applied
             (tmp / MERGE_REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
-            _publish(tmp, out, run, recipe)
-    except OSError as exc:
-        if not is_disk_full(exc):
+            _publish(tmp, out, run, overwrite)
+    except (OSError, SafetensorError) as exc:  # safetensors' write errors are not OSErrors
+        if not (is_disk_full(exc) if isinstance(exc, OSError) else _safetensors_full(exc)):
             raise
         raise PiLoraError(f"the disk filled while writing the release: {str(exc)[:200]}",
                           field="--output", fix="free space or choose another --output; "
@@ -139,13 +168,22 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
     return report
 
 
-def _publish(tmp: Path, out: Path, run: Run, recipe: Recipe) -> None:
-    """Replace `out` (only a release pi-lora wrote, checked again) by the verified `tmp`."""
-    from pi_lora.release.files import is_release
-    from pi_lora.core.safe_paths import remove_owned_dir
+def _safetensors_full(exc: Exception) -> bool:
+    text = str(exc)
+    return "StorageFull" in text or "code: 28" in text or "No space left" in text
 
-    remove_owned_dir(out, owned=is_release, what="release", protect=protected_paths(run.path, recipe),
-                     field="--output")
+
+def _publish(tmp: Path, out: Path, run: Run, overwrite: bool) -> None:
+    """Replace `out` by the verified `tmp`, ownership and --overwrite checked again at the
+    moment of the rename (under the output lock): a directory that appeared meanwhile is
+    never replaced without --overwrite, and only a release pi-lora wrote is ever removed."""
+    from pi_lora.core.safe_paths import follow_umask, remove_owned_dir
+    from pi_lora.release.files import is_release
+
+    check_output(out, overwrite, run.path, run.recipe)
+    remove_owned_dir(out, owned=is_release, what="release",
+                     protect=protected_paths(run.path, run.recipe), field="--output")
+    follow_umask(tmp)  # model*.safetensors come out 0600; a release is read by others
     if out.is_dir():  # an empty directory left in place: os.replace needs it gone
         out.rmdir()
     os.replace(tmp, out)

@@ -7,7 +7,6 @@ Every refusal here happens before a byte is read, so a bad option costs nothing.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 import signal
@@ -19,8 +18,8 @@ import torch
 
 from pi_lora.core.errors import PiLoraError
 from pi_lora.model.loading import resolve_source
-from pi_lora.recipe.loading import Recipe
 from pi_lora.model.rope import RopePlan
+from pi_lora.recipe.loading import Recipe
 from pi_lora.run.directory import RunFacts
 
 VerifyMode = Literal["auto", "full", "layers"]
@@ -37,8 +36,8 @@ def protected_paths(run_path: Path, recipe: Recipe) -> list[Path]:
 
 def check_output(out: Path, overwrite: bool, run_path: Path, recipe: Recipe) -> None:
     """Before any work: --output is new, empty, or (with --overwrite) a release pi-lora wrote."""
-    from pi_lora.release.files import is_release
     from pi_lora.core.safe_paths import check_replaceable
+    from pi_lora.release.files import is_release
 
     replaceable = check_replaceable(out, owned=is_release, what="release",
                                     protect=protected_paths(run_path, recipe), field="--output")

@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
+from pi_lora.model.rope import RopePlan
+from pi_lora.model.serving import serving_warnings
 from pi_lora.recipe.loading import ModelSection, Recipe
 from pi_lora.release.files import MERGE_REPORT_FILE, PROVENANCE_FILE, RELEASE_RECIPE_FILE
-from pi_lora.model.rope import RopePlan
 from pi_lora.run.directory import RunFacts
-from pi_lora.model.serving import serving_warnings
 
 _SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from pi_lora.model.base_weights import SafetensorsWeights, empty_model
 from pi_lora.core.errors import PiLoraError
+from pi_lora.model.base_weights import SafetensorsWeights, empty_model
 from pi_lora.release.fold import BaseTensors
 from pi_lora.run.finished import Adapter
 

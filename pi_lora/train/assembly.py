@@ -21,6 +21,7 @@ import torch
 from pi_lora.core.allocator import missing_tcmalloc_note, tune_cpu_allocator
 from pi_lora.core.errors import PiLoraError
 from pi_lora.core.run_lock import hold
+from pi_lora.core.safe_paths import follow_umask
 from pi_lora.data.build import BuiltData, PackedCollator, build_train_dataset
 from pi_lora.data.pose import pose_skips
 from pi_lora.model.loading import (
@@ -296,6 +297,10 @@ def _save_final(trainer: Any, run: RunDir) -> None:
     produced = run.adapter_dir / EXTRAS_FILE
     if trainer.args.should_save and produced.is_file():
         produced.replace(run.extras_path)
+    if trainer.args.should_save:
+        follow_umask(run.adapter_dir)
+        if run.extras_path.is_file():
+            follow_umask(run.extras_path)
 
 
 def _checkpoint_step(checkpoint: Path) -> int:

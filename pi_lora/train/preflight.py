@@ -18,6 +18,7 @@ from pi_lora.model.loading import apply_sliding_window, attention_window, count_
 from pi_lora.model.rope import plan_rope
 from pi_lora.model.serving import serving_warnings
 from pi_lora.recipe.loading import Recipe, RopeSection, resolve_deepspeed_config
+from pi_lora.train.sequence_parallel import sequence_parallel_problems
 
 
 def count_trainable(recipe: Recipe, config: Any) -> tuple[int, int]:
@@ -39,6 +40,9 @@ def validate_recipe(recipe: Recipe) -> str:
         unchecked.append("model config (architecture, pretraining window, existing scaling)")
         lines += _stated_rope_only(recipe.rope, unchecked)
     else:
+        problems = sequence_parallel_problems(recipe, config)  # what train refuses up front
+        if problems:
+            raise problems[0]
         plan = plan_rope(recipe.rope, config)
         lines += [
             f"rope method: {plan.method}",

@@ -1,0 +1,161 @@
+"""Reliability round 3 (issue 31): never two writers, never a traceback where one message belongs.
+
+Each test fails on the code before its fix: the lock path was built with `absolute()` (a
+symlinked output_dir got a second lock), merge checked its output once before the work (two
+merges both published), a truncated or mis-shaped adapter reached the fold as a traceback.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pi_lora.cli import main
+from pi_lora.core.errors import PiLoraError
+from pi_lora.core.run_lock import RunLock, hold, lock_path
+from pi_lora.release.merge import merge_run
+from pi_lora.run.finished import Run
+
+
+def _copy(finished_run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "runs" / "x"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+def test_a_symlinked_run_directory_shares_the_lock(finished_run: Path, tmp_path: Path) -> None:
+    real = _copy(finished_run, tmp_path)
+    link = tmp_path / "runs" / "latest"
+    link.symlink_to(real, target_is_directory=True)
+    assert lock_path(link) == lock_path(real) == lock_path(real.parent / ".." / "runs" / "x")
+    with hold(real), pytest.raises(PiLoraError, match="in use by"):
+        RunLock.acquire(link)
+
+
+def test_a_resume_through_a_link_is_refused_while_the_run_trains(
+        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    real = _copy(finished_run, tmp_path)
+    link = tmp_path / "runs" / "latest"
+    link.symlink_to(real, target_is_directory=True)
+    recipe = real / "recipe.yaml"
+    with hold(real):  # the first trainer
+        code = main(["train", str(recipe), "--resume", "--set", f"output_dir={link}",
+                     "--set", "training.max_steps=3"])
+    assert code == 2
+    assert "in use by" in capsys.readouterr().err
+
+
+def test_a_second_merge_to_the_same_output_is_refused_up_front(finished_run: Path,
+                                                                tmp_path: Path) -> None:
+    out = tmp_path / "release"
+    with hold(out), pytest.raises(PiLoraError, match="another pi-lora merge"):
+        merge_run(finished_run, out, verify="full")
+    assert not out.exists()
+
+
+def test_an_output_that_appears_during_the_merge_is_not_replaced(
+        finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The publish step re-checks --overwrite at the rename: what appeared meanwhile stays."""
+    import pi_lora.release.merge as merge
+
+    first = tmp_path / "first"
+    merge_run(finished_run, first, verify="full")
+    out = tmp_path / "second"
+    real_verify = merge.verify_release
+
+    def verify_then_race(*args, **kwargs):  # another writer publishes while we verify
+        report = real_verify(*args, **kwargs)
+        shutil.copytree(first, out)
+        (out / "theirs").write_text("the other merge's release")
+        return report
+
+    monkeypatch.setattr(merge, "verify_release", verify_then_race)
+    with pytest.raises(PiLoraError, match="already exists"):
+        merge_run(finished_run, out, verify="full")
+    assert (out / "theirs").is_file()
+    assert not list(tmp_path.glob(".second.tmp-*"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong shape", "garbled config"])
+def test_a_damaged_adapter_is_one_message_naming_the_file(damage: str, finished_run: Path,
+                                                          tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    from safetensors.torch import load_file, save_file
+
+    run = _copy(finished_run, tmp_path)
+    adapter = run / "adapter"
+    weights = adapter / "adapter_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "wrong shape":
+        tensors = load_file(str(weights))
+        key = next(k for k in tensors if ".lora_B." in k)
+        tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+        save_file(tensors, str(weights))
+    else:
+        (adapter / "adapter_config.json").write_text('{"r": 4, "lora_alpha"')
+    with pytest.raises(PiLoraError) as caught:
+        Run.open(run)
+    named = "adapter_config.json" if damage == "garbled config" else "adapter_model.safetensors"
+    assert named in str(caught.value)
+    code = main(["merge", str(run), "--output", str(tmp_path / "rel")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and named in err
+    assert not (tmp_path / "rel").exists()
+
+
+def test_export_of_a_release_with_a_corrupt_config_is_one_message(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    code = main(["export", str(release), "--gguf", str(tmp_path / "m.gguf")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "config.json is unreadable" in err
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_pose_with_one_chunk_is_refused(tiny_models, write_recipe,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """One piece has no skip: it would train only positions below seq_len while the run
+    announced positions up to the target."""
+    path = write_recipe(tiny_models(), data={"seq_len": 64, "pose": {"chunks": 1}})
+    assert main(["validate", str(path)]) == 2
+    assert "data.pose.chunks" in capsys.readouterr().err
+
+
+def test_validate_refuses_the_sequence_parallel_size_train_refuses(
+        tiny_models, write_recipe, capsys: pytest.CaptureFixture[str]) -> None:
+    """The tiny Llama has 4 heads: Ulysses over 3 processes cannot split them."""
+    path = write_recipe(tiny_models(), data={"seq_len": 96},
+                        training={"sequence_parallel": 3, "deepspeed": "zero3"})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not divisible by 3" in err and "training.sequence_parallel" in err
+
+
+def test_releases_and_adapters_follow_the_umask(tiny_models, write_recipe,
+                                                tmp_path: Path) -> None:
+    """safetensors wrote model.safetensors and adapter_model.safetensors 0600 while every
+    other file was 0644: a serving container running as another user could not read them."""
+    import os
+
+    from pi_lora.recipe.loading import load_recipe
+    from pi_lora.train.assembly import train
+
+    old = os.umask(0o022)
+    try:
+        run = train(load_recipe(write_recipe(tiny_models(), training={"max_steps": 1,
+                                                                      "save_steps": 1})))
+        merge_run(run, tmp_path / "rel", verify="full")
+    finally:
+        os.umask(old)
+    files = [*(Path(run) / "adapter").glob("*.safetensors"), Path(run) / "extras.safetensors",
+             *(tmp_path / "rel").glob("*.safetensors")]
+    assert len(files) >= 3
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {
+        f.name: "0o644" for f in files}
