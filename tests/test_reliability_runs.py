@@ -23,7 +23,7 @@ import torch
 
 from pi_lora.cli import main
 from pi_lora.core.errors import PiLoraError
-from pi_lora.core.run_lock import LOCK_ENV, RunLock
+from pi_lora.core.run_lock import LOCK_ENV, RunLock, hold
 from pi_lora.core.safe_paths import check_replaceable, remove_owned_dir
 from pi_lora.recipe.loading import load_recipe
 from pi_lora.run.directory import RUN_MARKER, RunDir
@@ -477,7 +477,7 @@ def test_launched_ranks_inherit_the_launchers_lock(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code = (f"from pi_lora.core.run_lock import RunLock; RunLock.acquire({str(run_dir)!r}).release(); "
             "print('ok')")
-    with __import__("pi_lora.core.run_lock").runlock.hold(run_dir, for_children=True):
+    with hold(run_dir, for_children=True):
         inherited = subprocess.run([sys.executable, "-c", code], cwd=REPO,
                                    env={**_child_env(), LOCK_ENV: os.environ[LOCK_ENV]},
                                    capture_output=True, text=True, timeout=60)
