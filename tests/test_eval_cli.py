@@ -78,3 +78,30 @@ def test_eval_bad_options_exit_2(tiny_models, tmp_path: Path,
     err = capsys.readouterr().err
     assert "--passkey-lengths" in err and "at least" in err
     assert not out.exists()
+
+
+def test_every_eval_option_is_declared_once_and_sets_its_field() -> None:
+    """The parser and the settings come from one table (EvalSettings' FLAGS): each flag parses
+    into the field it names, and --help shows the field's own default."""
+    from pi_lora.cli.commands import _eval_values
+    from pi_lora.cli.main import build_parser
+    from pi_lora.eval.settings import FLAGS, EvalSettings
+
+    parser = build_parser()
+    args = parser.parse_args(["eval", "model", "--passkey-lengths", "1k,2k", "--depths", "0,1",
+                              "--trials", "3", "--seed", "7", "--k-max-threshold", "0.5",
+                              "--ppl-lengths", "2k", "--stride", "64", "--ppl-mode",
+                              "whole-window", "--docs", "a.txt", "--max-windows", "2",
+                              "--dtype", "fp32", "--device", "cpu", "--no-passkey"])
+    given = _eval_values(args)
+    assert set(given) == set(FLAGS)
+    assert given == {"passkey_lengths": [1024, 2048], "passkey_depths": [0.0, 1.0],
+                     "passkey_trials": 3, "seed": 7, "k_max_threshold": 0.5,
+                     "ppl_lengths": [2048], "ppl_stride": 64, "ppl_mode": "whole-window",
+                     "documents": [Path("a.txt")], "ppl_max_windows": 2, "dtype": "fp32",
+                     "device": "cpu", "passkey": False, "perplexity": True}
+    EvalSettings(**given)  # every name is a field
+    assert _eval_values(parser.parse_args(["eval", "model"])) == {"passkey": True,
+                                                                  "perplexity": True}
+    help_text = parser._subparsers._group_actions[0].choices["eval"].format_help()
+    assert "(default: 256)" in help_text and "(default: 1024,2048,4096,8192)" in help_text

@@ -125,7 +125,12 @@ def test_4bit_inference_runs_the_training_arithmetic(tiny_models) -> None:
     dense = AutoModelForCausalLM.from_pretrained(str(tiny_models("llama")), dtype=torch.float32,
                                                  quantization_config=config)
     dense = dense.dequantize(dtype=torch.float32)
-    assert compute_4bit_as_trained(quantized) == 7 * quantized.config.num_hidden_layers
+    from pi_lora.recipe.dtypes import cpu_has_native_bf16
+
+    # bitsandbytes marks its packed bf16 kernel only on CPUs with the units; elsewhere there
+    # is nothing to switch and the 4-bit layers already compute as in training
+    expected = 7 * quantized.config.num_hidden_layers if cpu_has_native_bf16() else 0
+    assert compute_4bit_as_trained(quantized) == expected
     probe = torch.randint(0, quantized.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(quantized(probe).logits, dense(probe).logits)

@@ -418,7 +418,8 @@ import sys, time
 from pi_lora.train.trainer import ChunkedLoss
 real = ChunkedLoss.compute_loss
 def slow(self, *args, **kwargs):
-    time.sleep(1.0)  # a long step, so the second trainer arrives while this one trains
+    time.sleep(3.0)  # long steps, so the second trainer (its imports alone take seconds on
+                     # a loaded 2-core machine) arrives while this one trains
     return real(self, *args, **kwargs)
 ChunkedLoss.compute_loss = slow
 from pi_lora.cli import main

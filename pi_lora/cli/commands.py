@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pi_lora.core.errors import PiLoraError
 from pi_lora.train.launch import LaunchPlan
@@ -150,11 +149,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-# EvalSettings fields -> the flags that set them, so an error names what the user typed
-_EVAL_FLAGS = {"passkey_depths": "--depths", "passkey_trials": "--trials", "ppl_stride": "--stride",
-               "ppl_max_windows": "--max-windows", "documents": "--docs"}
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     """Passkey + perplexity for every target into one report (JSON, Markdown, PNGs)."""
     import time
@@ -164,24 +158,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pi_lora.eval.report import render_markdown
     from pi_lora.eval.runner import resolve_device, resolve_dtype, run_eval
     from pi_lora.eval.settings import EvalSettings
-    from pi_lora.eval.targets import parse_fraction, parse_length, resolve_targets
+    from pi_lora.eval.targets import resolve_targets
 
-    def split(text: str | None, parse: Callable[[str, str], float], flag: str) -> list | None:
-        return [parse(x, flag) for x in text.split(",")] if text else None
-
-    given = {
-        "passkey": not args.no_passkey, "perplexity": not args.no_ppl,
-        "passkey_lengths": split(args.passkey_lengths, parse_length, "--passkey-lengths"),
-        "passkey_depths": split(args.depths, parse_fraction, "--depths"),
-        "passkey_trials": args.trials, "seed": args.seed, "k_max_threshold": args.k_max_threshold,
-        "ppl_lengths": split(args.ppl_lengths, parse_length, "--ppl-lengths"),
-        "ppl_stride": args.stride, "ppl_mode": args.ppl_mode, "documents": args.docs or None,
-        "ppl_max_windows": args.max_windows, "dtype": args.dtype, "device": args.device,
-    }
+    given = _eval_values(args)
     out = Path(args.out or f"reports/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_report_dir(out)  # before hours of evaluation, not after
     try:
-        settings = EvalSettings(**{k: v for k, v in given.items() if v is not None})
+        settings = EvalSettings(**given)
     except ValidationError as exc:
         raise _eval_option_error(exc) from None
     resolve_device(settings)  # an unknown or absent device fails here, before any loading
@@ -199,13 +182,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The EvalSettings fields the command line set (FLAGS: one declaration per option)."""
+    from pi_lora.eval.settings import FLAGS
+    from pi_lora.eval.targets import parse_fraction, parse_length
+
+    lists = {"lengths": parse_length, "fractions": parse_fraction}
+    given: dict[str, Any] = {}
+    for name, option in FLAGS.items():
+        value = getattr(args, option.flag.lstrip("-").replace("-", "_"))
+        if option.kind == "off":
+            given[name] = not value
+        elif option.kind in lists and value:
+            given[name] = [lists[option.kind](x, option.flag) for x in value.split(",")]
+        elif value is not None and value != []:
+            given[name] = value
+    return given
+
+
 def _eval_option_error(exc: ValidationError) -> PiLoraError:
     """The first bad option, named by its flag, its value cut short."""
     from pi_lora.core.safe_yaml import short_repr
 
     first = exc.errors()[0]
     name = str(first["loc"][0]) if first["loc"] else ""
-    flag = _EVAL_FLAGS.get(name, "--" + name.replace("_", "-")) if name else "options"
+    from pi_lora.eval.settings import FLAGS
+
+    option = FLAGS.get(name)
+    flag = option.flag if option else ("--" + name.replace("_", "-") if name else "options")
     got = f" (got {short_repr(first['input'])})" if name and "input" in first else ""
     return PiLoraError(f"{first['msg']}{got}", field=flag, fix="see pi-lora eval --help")
 

@@ -11,6 +11,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pi_lora.cli.commands import (
     cmd_eval,
@@ -129,21 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-shot rope for base models (repeatable): none or METHOD:LEN, "
                         f"METHOD one of {', '.join(SCALING_METHODS)}; e.g. yarn:16k")
     p.add_argument("--out", help="report directory (default: reports/eval-TIMESTAMP)")
-    p.add_argument("--passkey-lengths", help="comma list, e.g. 1k,2k,4k,8k")
-    p.add_argument("--depths", help="key depths as fractions, e.g. 0,0.25,0.5,0.75,1")
-    p.add_argument("--trials", type=_positive, help="trials per (length, depth)")
-    p.add_argument("--seed", type=_seed)
-    p.add_argument("--k-max-threshold", type=_finite_float, help="success rate for k_max (paper: 0.2)")
-    p.add_argument("--ppl-lengths", help="comma list, e.g. 2k,4k,8k,16k")
-    p.add_argument("--stride", type=_positive, help="sliding-window stride (default 256)")
-    p.add_argument("--ppl-mode", choices=["sliding", "whole-window"])
-    p.add_argument("--docs", action="append", type=Path, help="text file or directory (repeatable)")
-    p.add_argument("--max-windows", type=_positive, help="windows per length (bounds cost)")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
-                   help="auto (default): bf16 on GPUs and CPUs that compute it natively, else fp32")
-    p.add_argument("--device")
-    p.add_argument("--no-passkey", action="store_true")
-    p.add_argument("--no-ppl", action="store_true")
+    _add_eval_flags(p)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-card", action="store_true",
                    help="leave release model cards as they are (default: a release's results "
@@ -176,6 +163,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=_finite_float, help="stop after the generation past this")
     p.set_defaults(run=cmd_search)
     return parser
+
+
+def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
+    """`pi-lora eval`'s protocol options, built from EvalSettings' one table of flags."""
+    import typing
+
+    from pi_lora.eval.settings import FLAGS, EvalSettings
+
+    types: dict[str, Callable[[str], Any]] = {"int": int, "float": _finite_float, "str": str}
+    for name, option in FLAGS.items():
+        field = EvalSettings.model_fields[name]
+        if option.kind == "off":
+            parser.add_argument(option.flag, action="store_true", help=option.help)
+            continue
+        default = field.default if field.default not in (None, [], ()) else None
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_text = option.help + (f" (default: {shown})" if shown is not None else "")
+        if option.kind == "choice":
+            parser.add_argument(option.flag, choices=typing.get_args(field.annotation),
+                                help=help_text)
+        elif option.kind == "paths":
+            parser.add_argument(option.flag, action="append", type=Path, help=help_text)
+        else:  # comma lists stay text here: eval reads them with the flag in its errors
+            parser.add_argument(option.flag, type=types.get(option.kind, str), help=help_text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

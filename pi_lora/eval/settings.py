@@ -6,6 +6,7 @@ down) both read it without importing each other.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -79,3 +80,38 @@ class EvalSettings(BaseModel):
         if sliding and self.ppl_stride > min(self.ppl_lengths, default=self.ppl_stride):
             raise ValueError(f"ppl_stride {self.ppl_stride} exceeds the shortest ppl length")
         return self
+
+
+@dataclass(frozen=True)
+class EvalFlag:
+    """One `pi-lora eval` option, declared once: the EvalSettings field it sets, its flag, its
+    help, and how its text is read. The parser and the error messages are built from these;
+    the default shown in --help is the field's own."""
+
+    flag: str
+    help: str
+    kind: Literal["int", "float", "str", "lengths", "fractions", "paths", "off", "choice"] = "str"
+
+
+FLAGS: dict[str, EvalFlag] = {
+    "passkey_lengths": EvalFlag("--passkey-lengths", "passkey prompt lengths, a comma list "
+                                "such as 1k,2k,4k,8k", "lengths"),
+    "passkey_depths": EvalFlag("--depths", "key depths as fractions of the filler, a comma "
+                               "list such as 0,0.5,1", "fractions"),
+    "passkey_trials": EvalFlag("--trials", "trials per (length, depth), each a new key", "int"),
+    "seed": EvalFlag("--seed", "seed of the keys and of the filler draws", "int"),
+    "k_max_threshold": EvalFlag("--k-max-threshold", "success rate every length up to k_max "
+                                "reaches (the PI paper: 0.2)", "float"),
+    "ppl_lengths": EvalFlag("--ppl-lengths", "perplexity window lengths, a comma list such as "
+                            "2k,4k,8k,16k", "lengths"),
+    "ppl_stride": EvalFlag("--stride", "sliding-window stride in tokens", "int"),
+    "ppl_mode": EvalFlag("--ppl-mode", "sliding (Press et al.: only new tokens scored) or "
+                         "whole-window (LongLoRA's script)", "choice"),
+    "documents": EvalFlag("--docs", "text file or directory for perplexity (repeatable)", "paths"),
+    "ppl_max_windows": EvalFlag("--max-windows", "windows per length (bounds the cost)", "int"),
+    "dtype": EvalFlag("--dtype", "auto: bf16 on GPUs and CPUs that compute it natively, else "
+                      "fp32", "choice"),
+    "device": EvalFlag("--device", "cuda, cuda:N or cpu; auto: cuda when there is one"),
+    "passkey": EvalFlag("--no-passkey", "skip passkey retrieval", "off"),
+    "perplexity": EvalFlag("--no-ppl", "skip perplexity", "off"),
+}

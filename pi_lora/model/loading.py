@@ -286,15 +286,3 @@ def base_parameter_name(peft_name: str) -> str:
     """`base_model.model.model.norm.weight` -> `model.norm.weight` (the base model's key)."""
     prefix = "base_model.model."
     return peft_name[len(prefix):] if peft_name.startswith(prefix) else peft_name
-
-
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameters, counting tied weights once."""
-    seen: dict[int, tuple[int, bool]] = {}
-    for p in model.parameters():
-        numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-        if getattr(p, "quant_state", None) is not None:
-            numel *= 2 * p.element_size()  # bnb packs two 4-bit values per storage byte
-        seen[id(p)] = (numel, p.requires_grad)
-    total = sum(n for n, _ in seen.values())
-    return sum(n for n, grad in seen.values() if grad), total

@@ -26,7 +26,6 @@ from pi_lora.data.build import BuiltData, PackedCollator, build_train_dataset
 from pi_lora.data.pose import pose_skips
 from pi_lora.model.loading import (
     base_parameter_name,
-    count_parameters,
     load_config,
     load_model,
     load_tokenizer,
@@ -135,7 +134,7 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool,
     if prepares and not resume:  # only now: a bad input above leaves nothing behind
         run.create(recipe, replace=replace, protect=protect)
     trainer = _build_trainer(recipe, run, args, model, tokenizer, built)
-    trainable, total = count_parameters(model)
+    trainable, total = model.get_nb_trainable_parameters()  # peft's count
     facts = None
     if is_main:
         facts = _start_facts(recipe, plan, trainer.extras_names, trainable, total, built, allocator)

@@ -14,7 +14,7 @@ import torch
 from pi_lora.core.errors import PiLoraError
 from pi_lora.data.build import expand_files
 from pi_lora.model.known_models import config_for_planning
-from pi_lora.model.loading import apply_sliding_window, attention_window, count_parameters, wrap_lora
+from pi_lora.model.loading import apply_sliding_window, attention_window, wrap_lora
 from pi_lora.model.rope import plan_rope
 from pi_lora.model.serving import serving_warnings
 from pi_lora.recipe.loading import Recipe, RopeSection, resolve_deepspeed_config
@@ -27,7 +27,8 @@ def count_trainable(recipe: Recipe, config: Any) -> tuple[int, int]:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return count_parameters(wrap_lora(model, recipe.lora, gradient_checkpointing=False))
+    # peft's own count: tied weights once, 4-bit storage unpacked, ZeRO-3 partitions whole
+    return wrap_lora(model, recipe.lora, gradient_checkpointing=False).get_nb_trainable_parameters()
 
 
 def validate_recipe(recipe: Recipe) -> str:
