@@ -67,19 +67,22 @@ def run(out: Path, args: argparse.Namespace) -> str:
     train_file, eval_dir = write_data(out)
     releases, train_seconds = {}, {}
     for stem, label, extra in FINE_TUNES[: args.rows]:
+        label += "".join(f"; {item}" for item in args.overrides)  # an ablation says what moved
         run_dir, release = out / "runs" / stem, out / "release" / stem
         if not _finished(run_dir):  # a rerun picks up where the last one stopped
             pi_lora("train", str(RECIPE), "--overwrite", "--set", f"model.name={gguf}",
                     "--set", f"data.files=[{train_file}]", "--set", f"output_dir={run_dir}",
-                    "--set", f"training.max_steps={args.steps}", *extra)
+                    "--set", f"training.max_steps={args.steps}", *extra,
+                    *[a for item in args.overrides for a in ("--set", item)])
         if not is_release(release):
             pi_lora("merge", str(run_dir), "--output", str(release), "--overwrite")
         releases[label] = release
         train_seconds[label] = RunDir(run_dir).read_facts().train_seconds or 0.0
     report_dir = out / "report"
     eval_seconds = pi_lora(
-        "eval", str(gguf), *[f"{k}={v}" for k, v in releases.items()],
-        *[a for rope in ZERO_SHOT for a in ("--rope", rope)],
+        "eval", *([] if args.no_zero_shot else [str(gguf)]),
+        *[f"{k}={v}" for k, v in releases.items()],
+        *[a for rope in ([] if args.no_zero_shot else ZERO_SHOT) for a in ("--rope", rope)],
         "--ppl-lengths", args.ppl_lengths, "--ppl-mode", "sliding",
         "--stride", str(args.stride), "--max-windows", str(args.max_windows),
         "--passkey-lengths", args.passkey_lengths, "--depths", args.depths,
@@ -117,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passkey-lengths", default="2k,16k")
     parser.add_argument("--depths", default="0.25,0.75")
     parser.add_argument("--trials", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="recipe override for every fine-tune (an ablation), e.g. "
+                             "lora.trainable_extras=[norms]; use a new --out for each")
+    parser.add_argument("--no-zero-shot", action="store_true",
+                        help="skip the base and its zero-shot rope rows (their numbers do not "
+                             "change between ablations)")
     args = parser.parse_args(argv)
     try:
         print(run(args.out, args))
