@@ -159,3 +159,59 @@ def test_releases_and_adapters_follow_the_umask(tiny_models, write_recipe,
     assert len(files) >= 3
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {
         f.name: "0o644" for f in files}
+
+
+def test_a_failed_resume_leaves_a_complete_run_complete(finished_run: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """A corrupt optimizer.pt in the latest checkpoint: one message naming the checkpoint,
+    run.json still 'complete', and the intact adapter still merges."""
+    import json
+
+    run = _copy(finished_run, tmp_path)
+    (checkpoint,) = sorted((run / "checkpoints").glob("checkpoint-*"))
+    (checkpoint / "optimizer.pt").write_bytes(b"not a torch file")
+    before = json.loads((run / "run.json").read_text())
+    code = main(["train", str(run / "recipe.yaml"), "--resume", "--set", f"output_dir={run}",
+                 "--set", "training.max_steps=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"resuming from {checkpoint.name} failed before its first step" in err
+    after = json.loads((run / "run.json").read_text())
+    assert after["status"] == "complete" and after["steps"] == before["steps"]
+    merge_run(run, tmp_path / "rel", verify="full")
+
+
+def test_a_run_that_died_before_its_first_checkpoint_is_replaced_by_a_rerun(
+        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A full disk at the first checkpoint stopped even the failure record: run.json says
+    'training', nobody holds the run, nothing can be resumed. A plain rerun proceeds."""
+    import json
+
+    run = _copy(finished_run, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    facts = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**facts, "status": "training"}))
+    recipe = shutil.copy(run / "recipe.yaml", tmp_path / "recipe.yaml")  # --overwrite spares it
+    code = main(["train", str(recipe), "--set", f"output_dir={run}"])
+    assert code == 0, capsys.readouterr().err
+    assert "a start that failed before its first checkpoint" in capsys.readouterr().out
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
+
+
+def test_a_failed_run_json_write_leaves_no_temporary_file(
+        finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from pi_lora.run.directory import RunDir
+
+    run = RunDir(_copy(finished_run, tmp_path))
+    facts = run.read_facts()
+
+    def full(self, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", full)
+    with pytest.raises(OSError):
+        run.write_facts(facts)
+    assert not (run.path / "run.tmp").exists()

@@ -88,6 +88,20 @@ def holder(run_dir: str | Path) -> str | None:
         os.close(fd)
 
 
+def held_by_another(run_dir: str | Path) -> bool:
+    """Someone else holds the run: not this process (which may hold it while it checks) and
+    not the `pi-lora train` that launched it."""
+    if holder(run_dir) is None:
+        return False
+    path = lock_path(run_dir)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return True
+    mine = record.get("pid") == os.getpid() and record.get("host") == socket.gethostname()
+    return not (mine or _inherited(path))
+
+
 class RunLock:
     """A held lock; `release()` (or process exit) frees it."""
 

@@ -157,7 +157,7 @@ def _build_and_publish(run: Run, out: Path, release_dtype: DType, on_device: tor
             (tmp / MERGE_REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
             _publish(tmp, out, run, overwrite)
     except (OSError, SafetensorError) as exc:  # safetensors' write errors are not OSErrors
-        if not (is_disk_full(exc) if isinstance(exc, OSError) else _safetensors_full(exc)):
+        if not is_disk_full(exc):
             raise
         raise PiLoraError(f"the disk filled while writing the release: {str(exc)[:200]}",
                           field="--output", fix="free space or choose another --output; "
@@ -166,11 +166,6 @@ def _build_and_publish(run: Run, out: Path, release_dtype: DType, on_device: tor
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return report
-
-
-def _safetensors_full(exc: Exception) -> bool:
-    text = str(exc)
-    return "StorageFull" in text or "code: 28" in text or "No space left" in text
 
 
 def _publish(tmp: Path, out: Path, run: Run, overwrite: bool) -> None:

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pi_lora.core.errors import PiLoraError
-from pi_lora.core.run_lock import holder
+from pi_lora.core.run_lock import held_by_another, holder
 from pi_lora.core.safe_paths import check_replaceable
 from pi_lora.model.rope import RopePlan
 from pi_lora.recipe.loading import Recipe, load_recipe
@@ -144,7 +144,15 @@ class RunDir:
             return True
         if not (self.path / RUN_MARKER).is_file() or self.latest_checkpoint() is not None:
             return False
-        return not self.facts_path.exists() or self.recorded_failure()
+        return not self.facts_path.exists() or self.recorded_failure() or self._died_training()
+
+    def _died_training(self) -> bool:
+        """run.json still says "training" but no process holds the run: it died before its
+        first checkpoint (a full disk that also stopped the failure from being recorded)."""
+        try:
+            return self.read_facts().status == "training" and not held_by_another(self.path)
+        except PiLoraError:
+            return False
 
     def prepare(self, recipe: Recipe, *, resume: bool, overwrite: bool, is_main: bool,
                 protect: Sequence[str | Path] = ()) -> None:
@@ -242,14 +250,19 @@ class RunDir:
                 "new run; on resume only training." + ", training.".join(
                     sorted(RESUME_MAY_CHANGE)) + " may change")
 
-    def latest_checkpoint(self) -> Path | None:
+    def checkpoints(self) -> list[Path]:
+        """Complete Trainer checkpoints (a trainer_state.json written), oldest step first."""
         def step(p: Path) -> int:
             match = re.search(r"checkpoint-(\d+)$", p.name)
             return int(match.group(1)) if match else -1
 
         done = [p for p in self.checkpoints_dir.glob("checkpoint-*")
                 if (p / "trainer_state.json").is_file()]
-        return max(done, key=step) if done else None
+        return sorted(done, key=step)
+
+    def latest_checkpoint(self) -> Path | None:
+        done = self.checkpoints()
+        return done[-1] if done else None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
@@ -258,8 +271,11 @@ class RunDir:
     def write_facts(self, facts: RunFacts) -> None:
         facts = facts.model_copy(update={"updated": time.time(), "format": FACTS_FORMAT})
         tmp = self.facts_path.with_suffix(".tmp")
-        tmp.write_text(facts.model_dump_json(indent=2))
-        tmp.replace(self.facts_path)
+        try:
+            tmp.write_text(facts.model_dump_json(indent=2))
+            tmp.replace(self.facts_path)
+        finally:  # a full disk leaves no 0-byte run.tmp behind
+            tmp.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ merge side
 

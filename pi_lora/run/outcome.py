@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+from pathlib import Path
 
 from pi_lora.core.errors import PiLoraError
 from pi_lora.run.directory import RunDir, RunFacts
@@ -50,3 +51,17 @@ def disk_full_error(exc: BaseException) -> PiLoraError:
                        field="output_dir",
                        fix="free space (or move output_dir / data.cache_dir), then rerun; "
                            "a run with a checkpoint continues with --resume")
+
+
+def resume_failed(run: RunDir, checkpoint: Path, exc: BaseException) -> PiLoraError:
+    """A resume that failed before its first new step. The caller has put run.json back as
+    it was (a complete run stays complete and mergeable); this names the checkpoint that could
+    not be resumed and offers the one before it."""
+    earlier = [p for p in run.checkpoints() if p != checkpoint]
+    aside = f"move {checkpoint} aside"
+    fix = (f"{aside} to resume from {earlier[-1].name} (`pi-lora train RECIPE --resume`)"
+           if earlier else f"{aside} and start again with --overwrite")
+    return PiLoraError(f"resuming from {checkpoint.name} failed before its first step "
+                       f"({describe_failure(exc)}); the checkpoint may be damaged, and "
+                       f"{run.facts_path.name} keeps what it recorded",
+                       field="--resume", fix=f"{fix}, or let the run stand as it is")

@@ -35,7 +35,13 @@ from pi_lora.model.rope import RopePlan, plan_rope
 from pi_lora.recipe.loading import DataSection, Recipe
 from pi_lora.run.adapter_card import write_adapter_card
 from pi_lora.run.directory import EXTRAS_FILE, RunDir, RunFacts, RunProvenance
-from pi_lora.run.outcome import describe_failure, disk_full_error, is_disk_full, record_failure
+from pi_lora.run.outcome import (
+    describe_failure,
+    disk_full_error,
+    is_disk_full,
+    record_failure,
+    resume_failed,
+)
 from pi_lora.run.provenance import IdentityJob, software
 from pi_lora.train.arguments import progress_callback, tensorboard_callback, training_arguments
 from pi_lora.train.distributed import (
@@ -136,6 +142,7 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool,
     trainer = _build_trainer(recipe, run, args, model, tokenizer, built)
     trainable, total = model.get_nb_trainable_parameters()  # peft's count
     facts = None
+    recorded = _recorded_facts(run) if resume and is_main else None
     if is_main:
         facts = _start_facts(recipe, plan, trainer.extras_names, trainable, total, built, allocator)
         facts.loss = loss_route(model, recipe.training.chunked_loss)[1]
@@ -144,13 +151,46 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool,
     checkpoint = agreed_checkpoint(run) if resume else None
     if checkpoint is not None and is_main:
         _forget_metrics_after(run, _checkpoint_step(checkpoint))
+    first_step = _first_step_seen(trainer)
     try:
         _fit(trainer, run, checkpoint, facts, identity)
     except BaseException as exc:
+        # one rule for the record: a failure before the first new step changes nothing a
+        # run recorded (a complete run stays complete, its adapter mergeable)
+        if recorded is not None and not first_step.seen:
+            if is_main:
+                run.write_facts(recorded)
+            if checkpoint is not None and isinstance(exc, Exception) \
+                    and not isinstance(exc, PiLoraError):
+                raise resume_failed(run, checkpoint, exc) from exc
+            raise
         if facts is not None and not run.recorded_failure():  # a divergence says it better
             record_failure(run, facts, trainer.state.global_step, describe_failure(exc))
         raise
     return run.path
+
+
+def _recorded_facts(run: RunDir) -> RunFacts | None:
+    """What run.json says before a resume rewrites it (None when it cannot be read)."""
+    try:
+        return run.read_facts()
+    except PiLoraError:
+        return None
+
+
+def _first_step_seen(trainer: Any) -> Any:
+    """A callback that notes the first optimizer step this process completes."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        seen = False
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.seen = True
+
+    callback = FirstStep()
+    trainer.add_callback(callback)
+    return callback
 
 
 def _fit(trainer: Any, run: RunDir, checkpoint: Path | None, facts: RunFacts | None,
