@@ -215,3 +215,34 @@ def test_a_failed_run_json_write_leaves_no_temporary_file(
     with pytest.raises(OSError):
         run.write_facts(facts)
     assert not (run.path / "run.tmp").exists()
+
+
+def test_search_refuses_to_replace_earlier_factors_and_an_unwritable_out_up_front(
+        tiny_models, write_recipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+    import tempfile
+
+    import pi_lora.search.longrope as search
+
+    def never(*args, **kwargs):
+        raise AssertionError("the search ran before its output was checked")
+
+    monkeypatch.setattr(search, "run_search", never)
+    recipe = write_recipe(tiny_models(), rope={"method": "longrope", "target_context": 256})
+    docs = tmp_path / "docs.txt"
+    docs.write_text("held-out text " * 200)
+    out = tmp_path / "search"
+    out.mkdir()
+    (out / "factors.json").write_text("{}")
+    flags = ["search", str(recipe), "--docs", str(docs), "--out", str(out)]
+    assert main(flags) == 2
+    assert "factors.json already exists" in capsys.readouterr().err
+    assert (out / "factors.json").read_text() == "{}"
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    assert main([*flags[:-1], str(tmp_path / "new"), "--overwrite"]) == 2
+    assert "cannot write to" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +80,6 @@ def _release_process_group() -> None:
     rank of a finished 2-process ZeRO-3 run aborted in the interpreter's teardown ("terminate
     called without an active exception", exit -6), turning a complete run into a failure.
     """
-    import os
 
     import torch.distributed as dist
 
@@ -223,9 +223,13 @@ def _check_report_dir(out: Path) -> None:
     if not parent.is_dir():
         raise PiLoraError(f"{parent} is a file, so {out} cannot be created", field="--out",
                           fix="give a directory path for the report")
-    if not os.access(out if out.exists() else parent, os.W_OK):
-        raise PiLoraError(f"cannot write to {out if out.exists() else parent}", field="--out",
-                          fix="choose a writable directory")
+    where = out if out.exists() else parent
+    try:  # a real write: os.access says yes to root on a read-only mount's 0555 directory
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as exc:
+        raise PiLoraError(f"cannot write to {where} ({exc.strerror})", field="--out",
+                          fix="choose a writable directory") from None
 
 
 def cmd_plan(recipe_path: str, overrides: list[str], gpu: str, gpus: int, nodes: int,
@@ -255,8 +259,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = Path(args.out or Path("search") / Path(recipe.output_dir).name)
-    if out.exists() and not out.is_dir():
-        raise PiLoraError(f"{out} is a file", field="--out", fix="name a directory")
+    _check_report_dir(out)  # before the search, not after it
+    if (out / "factors.json").exists() and not args.overwrite:
+        raise PiLoraError(f"{out / 'factors.json'} already exists (an earlier search)",
+                          field="--out", fix="choose another --out, or pass --overwrite")
     if args.minutes is not None and args.minutes <= 0:
         raise PiLoraError("--minutes must be positive", field="--minutes", fix="e.g. 30")
     settings = SearchSettings(population=args.population, generations=args.generations,

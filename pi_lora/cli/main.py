@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_count, default=4, help="held-out windows of the target length")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--minutes", type=_finite_float, help="stop after the generation past this")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the factors.json an earlier search left in --out")
     p.set_defaults(run=cmd_search)
     return parser
 
