@@ -246,3 +246,63 @@ def test_search_refuses_to_replace_earlier_factors_and_an_unwritable_out_up_fron
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     assert main([*flags[:-1], str(tmp_path / "new"), "--overwrite"]) == 2
     assert "cannot write to" in capsys.readouterr().err
+
+
+def _built(corpus: Path, cache: Path):
+    from pi_lora.data.build import build_train_dataset
+    from pi_lora.recipe.schema import DataSection
+    from pi_lora.testing import make_tokenizer
+
+    return build_train_dataset(DataSection(files=[str(corpus)]), make_tokenizer(), 64, seed=0,
+                               cache_dir=cache)
+
+
+@pytest.mark.parametrize("damage", ["truncated arrow", "garbled json"])
+def test_a_broken_data_cache_entry_is_named_and_rebuilt(damage: str, corpus: Path,
+                                                        tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    first = _built(corpus, tmp_path / "cache")
+    entry = first.cache_path
+    assert entry is not None
+    if damage == "truncated arrow":
+        (arrow,) = (entry / "train").glob("*.arrow")
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 3])
+    else:
+        (entry / "train" / "state.json").write_text("{not json")
+    again = _built(corpus, tmp_path / "cache")
+    assert f"the data cache entry {entry} is unreadable" in capsys.readouterr().err
+    assert again.tokens == first.tokens and again.cache_path == entry
+
+
+def test_a_read_only_data_cache_is_one_message(corpus: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import pi_lora.data.build as build
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(build, "_build", refused)
+    with pytest.raises(PiLoraError, match="cannot be written") as caught:
+        _built(corpus, tmp_path / "ro-cache")
+    assert caught.value.field == "data.cache_dir"
+
+
+def test_a_file_rewritten_with_its_mtime_restored_is_hashed_again(tmp_path: Path) -> None:
+    """`cp -p` / `rsync -t` put the mtime back; the change time they cannot."""
+    import os
+    import time
+
+    from pi_lora.core.digest import file_sha256
+
+    path = tmp_path / "data.txt"
+    path.write_text("aaaa")
+    before = file_sha256(path, tmp_path / "digests")
+    stat = path.stat()
+    time.sleep(0.01)
+    path.write_text("bbbb")  # same size, same inode
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert file_sha256(path, tmp_path / "digests") != before

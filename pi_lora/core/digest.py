@@ -2,8 +2,10 @@
 
 A run names its base weights and training data by content, not by size and mtime, so a team
 can tell whether two runs saw the same bytes. Hashing 140 GB of 70B weights takes minutes;
-the digest is cached under the cache root keyed by (path, size, mtime_ns, inode), as git's
-index does, so a second run on the same files costs a stat per file.
+the digest is cached under the cache root keyed by (path, size, mtime_ns, ctime_ns, inode),
+as git's index does, so a second run on the same files costs a stat per file. The change time
+is what `cp -p` and `rsync -t` cannot restore: a file rewritten at the same size with its
+mtime put back is hashed again.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
     """Hex sha256 of the file's bytes; reuses a cached digest while the file is unchanged."""
     path = Path(path).resolve()
     stat = path.stat()
-    identity = json.dumps([str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino])
+    identity = json.dumps([str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
+                           stat.st_ino])
     entry = (cache_dir or cache_root() / "digests") / (
         hashlib.sha256(identity.encode()).hexdigest()[:32] + ".json")
     with contextlib.suppress(OSError, ValueError, KeyError):

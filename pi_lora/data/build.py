@@ -10,12 +10,14 @@ attend to each other.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import itertools
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -231,22 +233,56 @@ def build_train_dataset(data: DataSection, tokenizer: Any, seq_len: int, *, seed
     place, so a concurrent or killed build never leaves a half-written entry; every later
     call (every other rank) memory-maps the Arrow files.
     """
-    import datasets
 
     if data.streaming:
         return _stream(data, tokenizer, seq_len, seed)
     root = Path(data.cache_dir) if data.cache_dir else (cache_dir or default_cache_dir())
     path = root / _fingerprint(data, tokenizer, seq_len, seed)
-    if not (path / "train").is_dir():
-        _build(data, tokenizer, seq_len, seed, path)
-    train = datasets.load_from_disk(str(path / "train"))
-    validation = datasets.load_from_disk(str(path / "validation")) \
-        if (path / "validation").is_dir() else None
-    counts_file = path / "conversations.json"
-    counts = ConversationCounts(**json.loads(counts_file.read_text())) \
-        if counts_file.is_file() else None
-    tokens = packing.count_tokens(train)
+    built = _open_entry(path) if (path / "train").is_dir() else None
+    if built is None:
+        try:
+            _build(data, tokenizer, seq_len, seed, path)
+        except PermissionError as exc:  # EACCES / EPERM; EROFS below
+            raise _unwritable_cache(root, exc) from None
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            raise _unwritable_cache(root, exc) from None
+        built = _open_entry(path, fresh=True)
+    assert built is not None
+    return built
+
+
+def _open_entry(path: Path, *, fresh: bool = False) -> BuiltData | None:
+    """A cache entry, checked as it is opened: every Arrow file read to its end, the json
+    parsed. A broken entry (truncated, garbled) is named and removed for a rebuild (None);
+    one just built that is broken is an error."""
+    import datasets
+
+    try:
+        train = datasets.load_from_disk(str(path / "train"))
+        validation = datasets.load_from_disk(str(path / "validation")) \
+            if (path / "validation").is_dir() else None
+        counts_file = path / "conversations.json"
+        counts = ConversationCounts(**json.loads(counts_file.read_text())) \
+            if counts_file.is_file() else None
+        tokens = packing.count_tokens(train)  # touches every row: a short file fails here
+        if validation is not None:
+            packing.count_tokens(validation)
+    except Exception as exc:  # datasets / pyarrow / json each raise their own kinds
+        if fresh:
+            raise
+        print(f"pi-lora: the data cache entry {path} is unreadable ({type(exc).__name__}: "
+              f"{str(exc)[:160]}); rebuilding it", file=sys.stderr, flush=True)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
     return BuiltData(train, validation, tokens, path, tokens / max(len(train), 1), counts)
+
+
+def _unwritable_cache(root: Path, exc: OSError) -> PiLoraError:
+    return PiLoraError(f"the data cache {root} cannot be written ({exc.strerror})",
+                       field="data.cache_dir",
+                       fix="set data.cache_dir (or PI_LORA_CACHE) to a writable directory")
 
 
 STREAM_SHUFFLE_ROWS = 256  # packed rows a stream is shuffled within
