@@ -306,3 +306,29 @@ def test_a_file_rewritten_with_its_mtime_restored_is_hashed_again(tmp_path: Path
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_mtime_ns == stat.st_mtime_ns
     assert file_sha256(path, tmp_path / "digests") != before
+
+
+@pytest.mark.parametrize("bad", ['{"text": "cut sh', b'{"text": "\xff\xfe not utf-8"}'])
+def test_a_bad_record_in_a_later_streamed_file_names_file_and_line(
+        bad: str | bytes, tiny_models, write_recipe, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Streaming reads the files as training goes: a record broken hours in is the same one
+    message naming the file and the line, not a traceback from the data loader."""
+    import json
+
+    from pi_lora.testing import synthetic_text
+
+    good = tmp_path / "a.jsonl"
+    # more records than one tokenizing batch (1000): the start reads only this file
+    good.write_text("\n".join(json.dumps({"text": t}) for t in synthetic_text(1100, 10, seed=1)))
+    later = tmp_path / "b.jsonl"
+    lines = [json.dumps({"text": t}).encode() for t in synthetic_text(40, seed=2)]
+    later.write_bytes(b"\n".join([*lines[:5], bad if isinstance(bad, bytes) else bad.encode(),
+                                  *lines[5:]]))
+    path = write_recipe(tiny_models(), data={"files": [str(good), str(later)], "streaming": True,
+                                             "seq_len": 256},
+                        training={"max_steps": 400, "save_steps": 400})
+    code = main(["train", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert "b.jsonl" in err and "line 6" in err, err[-2000:]

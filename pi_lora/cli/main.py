@@ -173,7 +173,6 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
 
     from pi_lora.eval.settings import FLAGS, EvalSettings
 
-    types: dict[str, Callable[[str], Any]] = {"int": int, "float": _finite_float, "str": str}
     for name, option in FLAGS.items():
         field = EvalSettings.model_fields[name]
         if option.kind == "off":
@@ -187,8 +186,33 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
                                 help=help_text)
         elif option.kind == "paths":
             parser.add_argument(option.flag, action="append", type=Path, help=help_text)
+        elif option.kind in ("int", "float"):  # checked at parse time by the field's own bounds
+            parser.add_argument(option.flag, type=_field_value(name, option.kind), help=help_text)
         else:  # comma lists stay text here: eval reads them with the flag in its errors
-            parser.add_argument(option.flag, type=types.get(option.kind, str), help=help_text)
+            parser.add_argument(option.flag, help=help_text)
+
+
+def _field_value(name: str, kind: str) -> Callable[[str], Any]:
+    """An argparse type that reads a number and checks it against EvalSettings' field."""
+    from typing import Annotated
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from pi_lora.eval.settings import EvalSettings
+
+    field = EvalSettings.model_fields[name]
+    annotated = Annotated[(field.annotation, *field.metadata)] if field.metadata \
+        else field.annotation
+    adapter = TypeAdapter(annotated)
+    number = _finite_float if kind == "float" else _bounded_int(-(2**63), 2**63, "an integer")
+
+    def parse(text: str) -> Any:
+        try:
+            return adapter.validate_python(number(text))
+        except ValidationError as exc:
+            raise argparse.ArgumentTypeError(exc.errors()[0]["msg"].lower()) from None
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,12 +29,11 @@ from pi_lora.core.digest import cache_root, file_sha256
 from pi_lora.core.errors import PiLoraError
 from pi_lora.data import IGNORE_INDEX, packing
 from pi_lora.data import files as records
+from pi_lora.data.files import BUILDERS, reading_files
 from pi_lora.data.packing import ConversationCounts
 from pi_lora.data.pose import PoseSkips
 from pi_lora.recipe.loading import DataSection
 
-_BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json",
-             ".parquet": "parquet"}
 CACHE_VERSION = 4
 
 
@@ -57,12 +56,12 @@ def expand_files(files: list[str]) -> list[Path]:
         if not found:
             raise _no_file(pattern, matches, f"data.files[{index}]")
         paths += found
-    unknown = sorted({p.suffix for p in paths} - set(_BUILDERS))
+    unknown = sorted({p.suffix for p in paths} - set(BUILDERS))
     if unknown:
         example = next(p for p in paths if p.suffix in unknown)
         raise PiLoraError(f"unsupported file type(s) {unknown} (e.g. {example})", field="data.files",
-                          fix=f"use one of {sorted(_BUILDERS)}")
-    if len({_BUILDERS[p.suffix] for p in paths}) > 1:
+                          fix=f"use one of {sorted(BUILDERS)}")
+    if len({BUILDERS[p.suffix] for p in paths}) > 1:
         raise PiLoraError("files mix formats", field="data.files",
                           fix="use one format per recipe (all text, all jsonl or all parquet)")
     return paths
@@ -86,7 +85,7 @@ def load_raw(data: DataSection) -> Any:
 
     if data.files:
         paths = expand_files(data.files)
-        builder = _BUILDERS[paths[0].suffix]
+        builder = BUILDERS[paths[0].suffix]
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         with reading_files(paths, loading=True):
             return datasets.load_dataset(builder, data_files=[str(p) for p in paths],
@@ -100,25 +99,6 @@ def load_raw(data: DataSection) -> Any:
         raise PiLoraError(f"cannot load dataset {source.name!r}: {str(exc).splitlines()[0][:200]}",
                           field="data.dataset.name",
                           fix="download it first, or use data.files with local files") from None
-
-
-@contextlib.contextmanager
-def reading_files(paths: list[Path], *, loading: bool = False) -> Iterator[None]:
-    """Where `datasets` reads local files (at load, or for a stream at each read): a file it
-    cannot parse becomes one message naming the file, and the line where one can be found.
-    While `loading`, any failure is the files'; later (a stream) only one found in them is."""
-    try:
-        yield
-    except PiLoraError:
-        raise
-    except Exception as exc:  # datasets / pyarrow raise many types for a bad file
-        if not paths:
-            raise
-        builder = _BUILDERS[paths[0].suffix]
-        problem = records.find_problem(paths, builder)
-        if problem is None and not loading:
-            raise
-        raise problem or records.unreadable(paths, builder, exc) from None
 
 
 def _require_column(raw: Any, column: str, field: str) -> None:
@@ -295,7 +275,8 @@ def _stream(data: DataSection, tokenizer: Any, seq_len: int, seed: int) -> Built
     import datasets
 
     raw = load_raw(data)
-    with reading_files(expand_files(data.files) if data.files else []):
+    paths = expand_files(data.files) if data.files else []
+    with reading_files(paths):
         if data.format == "pretrain":
             _require_column(raw, data.text_field, "data.text_field")
             tokens = packing.tokenize_documents(raw, tokenizer, data.text_field, None)
@@ -308,12 +289,26 @@ def _stream(data: DataSection, tokenizer: Any, seq_len: int, seed: int) -> Built
         held_out = list(rows.take(data.validation_sequences)) if data.validation_sequences else []
         sample = [len(r[packing.TOKENS]) for r in rows.take(STREAM_SAMPLE_ROWS)]
     validation = datasets.Dataset.from_list(held_out) if held_out else None
-    train = rows.skip(len(held_out)).shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_ROWS)
+    train = _read_guarded(rows.skip(len(held_out)), paths).shuffle(
+        seed=seed, buffer_size=STREAM_SHUFFLE_ROWS)
     if not sample:
         raise PiLoraError(f"the data stream gives no sequence of {seq_len} tokens",
                           field="data.files" if data.files else "data.dataset",
                           fix="check the data, or lower data.seq_len")
     return BuiltData(train, validation, None, None, sum(sample) / len(sample))
+
+
+def _read_guarded(rows: Any, paths: list[Path]) -> Any:
+    """The stream as training reads it, hours in: a bad record in a later file is the same
+    one message naming file and line as at the start, not a traceback from inside the
+    Trainer's data loader."""
+    import datasets
+
+    def generate() -> Iterator[dict[str, Any]]:
+        with reading_files(paths):
+            yield from rows
+
+    return datasets.IterableDataset.from_generator(generate)
 
 
 def _check_chat_template(tokenizer: Any) -> None:

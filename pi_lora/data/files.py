@@ -9,6 +9,7 @@ ShareGPT `from`/`value`) and name what they expected when a record is neither.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,10 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "chatgpt": "assistant", "system": "system"}
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
+
+# file suffix -> the `datasets` builder that reads it
+BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json",
+            ".parquet": "parquet"}
 
 def _shown(value: Any) -> str:
     text = repr(value)
@@ -234,3 +239,22 @@ def alpaca_fields(*values: Any, field: str = "data.instruction_fields") -> None:
             raise PiLoraError(f"an instruction record holds {type(value).__name__} "
                               f"{_shown(value)}, not text", field=field,
                               fix="make instruction, input and output strings")
+
+
+@contextlib.contextmanager
+def reading_files(paths: list[Path], *, loading: bool = False) -> Iterator[None]:
+    """Where `datasets` reads local files (at load, or for a stream at each read): a file it
+    cannot parse becomes one message naming the file, and the line where one can be found.
+    While `loading`, any failure is the files'; later (a stream) only one found in them is."""
+    try:
+        yield
+    except PiLoraError:
+        raise
+    except Exception as exc:  # datasets / pyarrow raise many types for a bad file
+        if not paths:
+            raise
+        builder = BUILDERS[paths[0].suffix]
+        problem = find_problem(paths, builder)
+        if problem is None and not loading:
+            raise
+        raise problem or unreadable(paths, builder, exc) from None
