@@ -332,3 +332,47 @@ def test_a_bad_record_in_a_later_streamed_file_names_file_and_line(
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert "b.jsonl" in err and "line 6" in err, err[-2000:]
+
+
+SLOW_MERGE = """
+import sys, time
+import pi_lora.release.merge as merge
+def slow(*args, **kwargs):
+    print("VERIFYING", flush=True)
+    time.sleep(60)
+merge.verify_release = slow
+from pi_lora.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_a_merge_cleans_up_and_exits_143(finished_run: Path,
+                                                         tmp_path: Path) -> None:
+    """A scheduler's kill mid-merge: exit 128 + 15, one line, no release, no temporary."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "rel"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "merge", str(finished_run),
+                             "--output", str(out), "--verify", "full"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("VERIFYING"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "pi-lora: interrupted (SIGTERM)" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".rel.tmp-*"))
+
+
+def test_an_interrupted_train_prints_the_resume_command() -> None:
+    from pi_lora.cli.main import _after_stop
+
+    line = _after_stop(["train", "my recipe.yaml", "--overwrite", "--set", "training.lr=1e-4"])
+    assert line.endswith("pi-lora train 'my recipe.yaml' --set training.lr=1e-4 --resume")
+    assert "latest checkpoint" in line

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +27,7 @@ from pi_lora.cli.commands import (
 )
 from pi_lora.core.errors import EXIT_USER_ERROR, PiLoraError
 from pi_lora.core.quiet import VERBOSE_ENV, quiet_third_party
+from pi_lora.core.signals import signal_number, signals_raise
 from pi_lora.recipe.loading import SCALING_METHODS
 from pi_lora.run.provenance import remember_command
 from pi_lora.train.launch import add_launch_arguments, plan_from_args
@@ -220,16 +223,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_third_party(verbose=args.verbose)
     remember_command(list(sys.argv[1:] if argv is None else argv))
     runner: Callable[[argparse.Namespace], int] = args.run
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv is None and args.command == "train":  # a real command line: it can be re-run
             cpu_allocator()
-        return runner(args)
+        with signals_raise():  # SIGTERM / SIGHUP clean up as Ctrl-C does
+            return runner(args)
     except PiLoraError as err:
         print(f"pi-lora: error: {err.render()}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("pi-lora: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        signum = signal_number(stop)
+        print(f"pi-lora: interrupted ({signal.Signals(signum).name}); {_after_stop(words)}",
+              file=sys.stderr)
+        return 128 + signum
+
+
+def _after_stop(words: list[str]) -> str:
+    """The one next step after an interrupted command."""
+    if words and words[0] == "train":
+        again = words if "--resume" in words else [*words, "--resume"]
+        again = [w for w in again if w != "--overwrite"]
+        return ("the run keeps its latest checkpoint; continue with: pi-lora "
+                + shlex.join(again))
+    return "outputs are published only when complete, so nothing half-written is left; " \
+        "run the command again"
 
 
 if __name__ == "__main__":

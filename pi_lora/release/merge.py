@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from safetensors import SafetensorError
 
+from pi_lora.core.signals import signals_raise
 from pi_lora.core.errors import PiLoraError
 from pi_lora.core.run_lock import RunLock
 from pi_lora.model.base_weights import empty_model, open_base_weights
@@ -56,7 +57,6 @@ from pi_lora.release.merge_checks import (
     parse_size,
     protected_paths,
     resolve_device,
-    signals_raise,
     verify_mode,
 )
 from pi_lora.release.model_card import model_card

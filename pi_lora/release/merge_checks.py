@@ -106,20 +106,3 @@ def clean_stale(out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         except (ValueError, PermissionError):
             continue
-
-
-@contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
-    """SIGTERM / SIGHUP end the merge through the cleanup path, like Ctrl-C does."""
-    def stop(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            previous[sig] = signal.signal(sig, stop)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
