@@ -414,14 +414,18 @@ def test_a_second_trainer_on_a_run_in_use_is_refused(resume: bool, finished_run:
 
 
 SLOW_TRAIN = """
-import sys, time
+import os, sys, time
+from pathlib import Path
 from pi_lora.train.trainer import ChunkedLoss
 real = ChunkedLoss.compute_loss
-def slow(self, *args, **kwargs):
-    time.sleep(3.0)  # long steps, so the second trainer (its imports alone take seconds on
-                     # a loaded 2-core machine) arrives while this one trains
+def held(self, *args, **kwargs):
+    # from step 2 on, wait until the test says the second trainer has been answered, so the
+    # first is alive during the second however slowly a loaded machine starts it
+    release = Path(os.environ["PI_LORA_TEST_RELEASE"])
+    while self.state.global_step >= 1 and not release.exists():
+        time.sleep(0.05)
     return real(self, *args, **kwargs)
-ChunkedLoss.compute_loss = slow
+ChunkedLoss.compute_loss = held
 from pi_lora.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -432,9 +436,10 @@ def test_a_second_cli_trainer_is_refused_while_the_first_trains(
         second: list[str], tiny_models, write_recipe, tmp_path: Path) -> None:
     """Two real `pi-lora train` processes on one output_dir: the second names the first."""
     path = write_recipe(tiny_models("llama"), training={"max_steps": 4, "save_steps": 1})
+    release = tmp_path / "second-answered"
     first = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, "train", str(path)], cwd=REPO,
-                             env=_child_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+                             env={**_child_env(), "PI_LORA_TEST_RELEASE": str(release)},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert first.stdout is not None
     for line in first.stdout:  # training has begun: its checkpoints are being written
         if line.startswith("step 1/"):
@@ -445,6 +450,7 @@ def test_a_second_cli_trainer_is_refused_while_the_first_trains(
                            cwd=REPO, env=_child_env(), capture_output=True, text=True,
                            timeout=300)
     still_training = first.poll() is None
+    release.write_text("go on")
     first.stdout.read()
     assert first.wait(timeout=300) == 0
     assert still_training, "the test needs the first trainer alive during the second"
