@@ -376,3 +376,17 @@ def test_an_interrupted_train_prints_the_resume_command() -> None:
     line = _after_stop(["train", "my recipe.yaml", "--overwrite", "--set", "training.lr=1e-4"])
     assert line.endswith("pi-lora train 'my recipe.yaml' --set training.lr=1e-4 --resume")
     assert "latest checkpoint" in line
+
+
+def test_the_download_advice_names_the_cli_the_locked_hub_client_installs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub 1.x installs `hf`, not `huggingface-cli`."""
+    import shutil as which_of
+
+    from pi_lora.model.loading import _hub_error
+    from pi_lora.recipe.schema import ModelSection
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    error = _hub_error(ModelSection(name="org/model"), OSError("not found"))
+    assert "hf download org/model --local-dir DIR" in error.fix
+    assert which_of.which("hf") is not None

@@ -224,7 +224,8 @@ def _hub_snapshot(model: ModelSection) -> Path:
         raise PiLoraError(
             f"cannot read {model.name!r}'s weights: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200]}", field="model.name",
-            fix="download it first (huggingface-cli download) or point model.name at a directory"
+            fix=f"download it first (`hf download {model.name} --local-dir DIR`) or point "
+                "model.name at a directory"
         ) from None
 
 

@@ -72,7 +72,8 @@ def _hub_error(model: ModelSection, exc: Exception) -> PiLoraError:
     return PiLoraError(
         f"cannot load {model.name!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
         field="model.name",
-        fix=("download it first (huggingface-cli download) and point model.name at the directory"
+        fix=(f"download it first (`hf download {model.name} --local-dir DIR`) and point "
+             "model.name at DIR"
              if not offline else "HF_HUB_OFFLINE=1: point model.name at a local directory"),
     )
 
