@@ -390,3 +390,15 @@ def test_the_download_advice_names_the_cli_the_locked_hub_client_installs(
     error = _hub_error(ModelSection(name="org/model"), OSError("not found"))
     assert "hf download org/model --local-dir DIR" in error.fix
     assert which_of.which("hf") is not None
+
+
+def test_the_cli_says_what_it_is_and_its_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from pi_lora import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"pi-lora {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "Extend the context window" in text and "nothing imports" not in text

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pi_lora import __version__
 from pi_lora.cli.commands import (
     cmd_eval,
     cmd_export,
@@ -71,7 +72,12 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pi-lora", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pi-lora", description="Extend the context window of a RoPE language model: Position "
+        "Interpolation (or NTK, YaRN, llama3, LongRoPE) + a LoRA fine-tune, merged into a release "
+        "plain transformers loads. Typical flow: pi-lora train RECIPE -> pi-lora merge RUN -> "
+        "pi-lora eval RELEASE.")
+    parser.add_argument("--version", action="version", version=f"pi-lora {__version__}")
     verbose_help = f"keep third-party warnings and notices (also: {VERBOSE_ENV}=1)"
     parser.add_argument("--verbose", action="store_true", help=verbose_help)
     common = argparse.ArgumentParser(add_help=False)  # `pi-lora CMD --verbose` works too
