@@ -93,7 +93,8 @@ def test_merge_catches_lost_rope_scaling(tiny_models, write_recipe, tmp_path: Pa
     assert not list(tmp_path.glob(".bad.tmp-*"))
 
 
-def test_resume_continues_from_checkpoint(tiny_models, write_recipe, tmp_path: Path) -> None:
+def test_resume_continues_from_checkpoint(tiny_models, write_recipe, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     model_dir = tiny_models("llama")
     full = train(load_recipe(write_recipe(model_dir, "full.yaml", output_dir=str(tmp_path / "a"))))
     path = write_recipe(model_dir, "part.yaml", output_dir=str(tmp_path / "b"))
@@ -101,7 +102,10 @@ def test_resume_continues_from_checkpoint(tiny_models, write_recipe, tmp_path: P
     # a second start without --resume refuses to clobber the run
     with pytest.raises(PiLoraError, match="already exists"):
         train(load_recipe(path))
+    capsys.readouterr()
     resumed = train(load_recipe(path), resume=True)
+    out = capsys.readouterr().out
+    assert "pi-lora: resuming from" in out and "checkpoint-3 (step 3)" in out, out[-2000:]
     uninterrupted, continued = _losses(full), _losses(resumed)
     assert len(continued) == 6  # 3 before + 3 after the restart, appended to the same file
     assert continued == pytest.approx(uninterrupted, rel=1e-4)

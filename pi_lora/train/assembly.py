@@ -151,6 +151,8 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool,
     checkpoint = agreed_checkpoint(run) if resume else None
     if checkpoint is not None and is_main:
         _forget_metrics_after(run, _checkpoint_step(checkpoint))
+        print(f"pi-lora: resuming from {checkpoint} (step {_checkpoint_step(checkpoint)})",
+              flush=True)
     first_step = _first_step_seen(trainer)
     try:
         _fit(trainer, run, checkpoint, facts, identity)
