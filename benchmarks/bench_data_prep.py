@@ -1,16 +1,21 @@
-"""Data preparation at corpus scale: pi-lora's Arrow path vs its earlier list path, one run.
+"""Data preparation at corpus scale, by document length: memory bounded by tokens, not rows.
 
-    python benchmarks/bench_data_prep.py                      # 10M and 100M tokens
-    python benchmarks/bench_data_prep.py --tokens 10M --legacy-max 10M
-    python benchmarks/bench_data_prep.py --ranks              # 2 ranks: one builds, one waits
+    python -m benchmarks.bench_data_prep                        # the grid: 1K/40K/400K x 10M/100M/300M
+    python -m benchmarks.bench_data_prep --doc-tokens 40K --tokens 10M,100M --streaming
+    python -m benchmarks.bench_data_prep --tokens 10M --doc-tokens 1K --legacy-max 10M
+    python -m benchmarks.bench_data_prep --ranks                # 2 ranks: one builds, one waits
 
-The corpus is the shipped Shakespeare plays cut into scene-sized documents, repeated in
-shuffled order until it holds the asked number of tokens (demo tokenizer: byte-level BPE,
-2048 entries, ~2.7 bytes per token). Each build runs in a fresh worker process with a fresh
+The corpus is the shipped Shakespeare plays cut into scenes, shuffled and joined into
+documents of the asked length (1K tokens: a scene; 40K: about a play; 400K: a long book),
+repeated until it holds the asked number of tokens (demo tokenizer: byte-level BPE, 2048
+entries, ~2.7 bytes per token). Each build runs in a fresh worker process with a fresh
 cache; reported: tokens/s and peak memory of the worker and of every process it started
 (the tokenizer workers): their PSS, sampled every 20 ms and summed (shared pages counted
 once), and of it the anonymous part (Pss_Anon: heap, not pages of memory-mapped files the
-kernel can drop). Ratios are new vs old from the same run.
+kernel can drop). `--streaming` also reads each corpus as `data.streaming` (every block
+drawn once, in this process); `--num-proc` sets the tokenizer processes (default: pi-lora's
+own choice, which the table states). `--legacy-max` adds pi-lora's earlier list path
+(benchmarks/data_prep_legacy.py) up to that size, for a ratio within the run.
 """
 
 from __future__ import annotations
@@ -59,21 +64,28 @@ def scenes() -> list[str]:
     return docs
 
 
-def write_corpus(path: Path, tokens: int, seed: int = 0) -> Path:
-    """jsonl of {"text": ...} holding ~`tokens` tokens; reused when already written."""
+def write_corpus(path: Path, tokens: int, doc_tokens: int = 1000, seed: int = 0) -> Path:
+    """jsonl of {"text": ...} holding ~`tokens` tokens in documents of ~`doc_tokens` tokens
+    (scenes joined in shuffled order); reused when already written."""
     if path.is_file():
         return path
-    docs, rng, written = scenes(), random.Random(seed), 0
-    target = tokens * BYTES_PER_TOKEN
+    parts, rng, written = scenes(), random.Random(seed), 0
+    target, doc_chars = tokens * BYTES_PER_TOKEN, doc_tokens * BYTES_PER_TOKEN
     tmp = path.with_suffix(".tmp")
     with tmp.open("w") as f:
+        doc: list[str] = []
+        size = 0
         while written < target:
-            rng.shuffle(docs)
-            for doc in docs:
-                f.write(json.dumps({"text": doc}) + "\n")
-                written += len(doc)
-                if written >= target:
-                    break
+            rng.shuffle(parts)
+            for part in parts:
+                doc.append(part)
+                size += len(part)
+                if size >= doc_chars:
+                    f.write(json.dumps({"text": "\n\n".join(doc)}) + "\n")
+                    written += size
+                    doc, size = [], 0
+                    if written >= target:
+                        break
     tmp.replace(path)
     return path
 
@@ -126,22 +138,29 @@ def worker(path: str, mode: str, num_proc: int | None, cache: str) -> None:
     from transformers import AutoTokenizer
 
     from benchmarks.harness import peak_bytes
-    from pi_lora.data.build import build_train_dataset
+    from pi_lora.data import tokenizing
+    from pi_lora.data.build import build_train_dataset, load_raw
     from pi_lora.recipe.loading import DataSection
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
-    section = DataSection(files=[path], num_proc=num_proc, cache_dir=cache)
+    section = DataSection(files=[path], num_proc=num_proc, cache_dir=cache,
+                          streaming=mode == "stream")
+    processes = None if mode == "stream" else tokenizing.auto_num_proc(load_raw(section), ["text"],
+                                                                       num_proc)
     sampler = TreePeak()
     started, cpu = time.time(), cpu_seconds()
     if mode == "legacy":
         from benchmarks import data_prep_legacy
 
         tokens = data_prep_legacy.build(section, tokenizer, SEQ_LEN, Path(cache))
+    elif mode == "stream":  # every block drawn once, as an epoch of training would
+        built = build_train_dataset(section, tokenizer, SEQ_LEN, seed=0)
+        tokens = sum(len(row["input_ids"]) for row in built.train)
     else:
         tokens = build_train_dataset(section, tokenizer, SEQ_LEN, seed=0).tokens
     seconds = time.time() - started
     pss, anon = sampler.stop()
-    print_result({"mode": mode, "tokens": tokens, "seconds": seconds,
+    print_result({"mode": mode, "tokens": tokens, "seconds": seconds, "processes": processes or 1,
                   "tree_peak_bytes": pss, "tree_anon_peak_bytes": anon,
                   "self_peak_bytes": peak_bytes("cpu"),
                   "cpu_seconds": cpu_seconds() - cpu})
@@ -220,36 +239,34 @@ def measure(corpus: Path, mode: str, num_proc: int | None) -> dict[str, Any]:
     return out.result
 
 
-def table(rows: list[tuple[str, dict, dict | None]]) -> str:
+def table(rows: list[dict[str, Any]]) -> str:
     gib = 1 << 30
-    lines = ["| corpus | path | tokens | seconds | M tok/s | peak PSS, all processes "
-             "| of it anonymous | speed x | memory x |",
+    lines = ["| documents | corpus | path | processes | tokens | seconds | M tok/s "
+             "| peak PSS, all processes | of it anonymous |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for label, new, old in rows:
-        for name, r in (("old", old), ("new", new)):
-            if r is None:
-                continue
-            speed = (old["seconds"] / new["seconds"]) if old and name == "new" else None
-            memory = (new["tree_peak_bytes"] / old["tree_peak_bytes"]) if old and name == "new" else None
-            lines.append(
-                f"| {label} | {name} | {r['tokens'] / 1e6:.1f}M | {r['seconds']:.1f} | "
-                f"{r['tokens'] / r['seconds'] / 1e6:.2f} | {r['tree_peak_bytes'] / gib:.2f} GiB | "
-                f"{r['tree_anon_peak_bytes'] / gib:.2f} GiB | "
-                f"{f'{speed:.1f}' if speed else '-'} | {f'{memory:.2f}' if memory else '-'} |")
+    for r in rows:
+        lines.append(
+            f"| {r['doc']} | {r['corpus']} | {r['mode']} | {r['processes']} | "
+            f"{r['tokens'] / 1e6:.1f}M | {r['seconds']:.1f} | "
+            f"{r['tokens'] / r['seconds'] / 1e6:.2f} | {r['tree_peak_bytes'] / gib:.2f} GiB | "
+            f"{r['tree_anon_peak_bytes'] / gib:.2f} GiB |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", default="10M,100M", help="corpus sizes, e.g. 10M,100M")
-    parser.add_argument("--legacy-max", default="100M", help="largest size the old path runs at")
-    parser.add_argument("--num-proc", type=int, default=None, help="new path: tokenizer processes")
+    parser.add_argument("--tokens", default="10M,100M,300M", help="corpus sizes, e.g. 10M,100M")
+    parser.add_argument("--doc-tokens", default="1K,40K,400K", help="document lengths")
+    parser.add_argument("--legacy-max", default="0", help="largest size the old path runs at")
+    parser.add_argument("--num-proc", type=int, default=None, help="tokenizer processes")
+    parser.add_argument("--streaming", action="store_true", help="also read each corpus streamed")
     parser.add_argument("--corpus-dir", type=Path, default=REPO / "build" / "bench-data")
+    parser.add_argument("--json", type=Path, help="write the rows here too")
     parser.add_argument("--ranks", action="store_true",
                         help="2 ranks under torchrun on the smallest corpus: who builds, who waits")
     parser.add_argument("--worker")
     parser.add_argument("--rank-worker")
-    parser.add_argument("--mode", choices=["legacy", "new"])
+    parser.add_argument("--mode", choices=["legacy", "new", "stream"])
     parser.add_argument("--cache")
     args = parser.parse_args()
     if args.worker:
@@ -268,13 +285,18 @@ def main() -> None:
                   f"{r['cpu_seconds']:.1f} s")
         return
     rows = []
-    for text in args.tokens.split(","):
-        count = parse_count(text)
-        corpus = write_corpus(args.corpus_dir / f"corpus-{text}.jsonl", count)
-        old = measure(corpus, "legacy", None) if count <= parse_count(args.legacy_max) else None
-        new = measure(corpus, "new", args.num_proc)
-        rows.append((text, new, old))
-        print(table(rows[-1:]), flush=True)
+    for doc in args.doc_tokens.split(","):
+        for text in args.tokens.split(","):
+            count = parse_count(text)
+            corpus = write_corpus(args.corpus_dir / f"corpus-{doc}-{text}.jsonl", count,
+                                  parse_count(doc))
+            modes = (["legacy"] if count <= parse_count(args.legacy_max) else []) + ["new"] + \
+                (["stream"] if args.streaming else [])
+            for mode in modes:
+                rows.append({"doc": doc, "corpus": text} | measure(corpus, mode, args.num_proc))
+                print(table(rows[-1:]), flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     print("\n" + table(rows))
 
 

@@ -67,7 +67,8 @@ def run(out: Path, args: argparse.Namespace) -> str:
     train_file, eval_dir = write_data(out)
     releases, train_seconds = {}, {}
     for stem, label, extra in FINE_TUNES[: args.rows]:
-        label += "".join(f"; {item}" for item in args.overrides)  # an ablation says what moved
+        # an ablation says what moved; eval splits LABEL=TARGET at the first '=', so none in labels
+        label += "".join(f"; {item.replace('=', ' ', 1)}" for item in args.overrides)
         run_dir, release = out / "runs" / stem, out / "release" / stem
         if not _finished(run_dir):  # a rerun picks up where the last one stopped
             pi_lora("train", str(RECIPE), "--overwrite", "--set", f"model.name={gguf}",

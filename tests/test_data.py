@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pi_lora.core.errors import PiLoraError
-from pi_lora.data import packing
+from pi_lora.data import packing, tokenizing
 from pi_lora.data.build import IGNORE_INDEX, PackedCollator, build_train_dataset, load_raw
 from pi_lora.recipe.loading import DataSection
 from pi_lora.testing import make_tokenizer, synthetic_text
@@ -91,7 +91,7 @@ def test_chat_mask_covers_only_assistant_turns(tokenizer) -> None:
                 {"role": "assistant", "content": "the king walks"},
                 {"role": "user", "content": "and then"},
                 {"role": "assistant", "content": "the queen runs"}]
-    ids, mask = packing.conversation_tokens(messages, tokenizer)
+    ids, mask = tokenizing.conversation_tokens(messages, tokenizer)
     assert len(ids) == len(mask)
     kept = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
     assert "the king walks" in kept and "the queen runs" in kept
@@ -119,7 +119,7 @@ def test_chat_packs_keep_conversations_whole_and_apart(tokenizer, tmp_path: Path
     rows = [_chat(f"question {i} " * (i % 5 + 1), f"answer {i} " * (i % 3 + 1)) for i in range(30)]
     section = DataSection(files=[str(_conversations(tmp_path, rows))], format="chat")
     built = build_train_dataset(section, tokenizer, 96, seed=0, cache_dir=tmp_path / "c")
-    alone = {tuple(packing.conversation_tokens(r["messages"], tokenizer)[0]) for r in rows}
+    alone = {tuple(tokenizing.conversation_tokens(r["messages"], tokenizer)[0]) for r in rows}
     batch = PackedCollator(tokenizer.pad_token_id)([built.train[i] for i in range(len(built.train))])
     seen = set()
     for row, lengths in zip(batch["input_ids"], built.train[packing.LENGTHS], strict=True):
@@ -273,15 +273,15 @@ def test_a_chat_stream_packs_and_drops_answerless(tokenizer, tmp_path: Path) -> 
 
 def test_max_tokens_reads_only_the_shards_it_needs(tokenizer, documents: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(packing, "SHARD_DOCUMENTS", 20)
+    monkeypatch.setattr(tokenizing, "SHARD_DOCUMENTS", 20)
     seen: list[int] = []
-    tokenize = packing.tokenize_documents
+    tokenize = tokenizing.tokenize_documents
 
     def counted(raw, *args, **kwargs):
         seen.append(len(raw))
         return tokenize(raw, *args, **kwargs)
 
-    monkeypatch.setattr(packing, "tokenize_documents", counted)
+    monkeypatch.setattr(tokenizing, "tokenize_documents", counted)
     full = build_train_dataset(DataSection(files=[str(documents)], text_field="body"),
                                tokenizer, 64, seed=0, cache_dir=tmp_path / "c")
     capped = DataSection(files=[str(documents)], text_field="body", max_tokens=64 * 3)

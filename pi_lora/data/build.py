@@ -27,7 +27,7 @@ import torch
 
 from pi_lora.core.digest import cache_root, file_sha256
 from pi_lora.core.errors import PiLoraError
-from pi_lora.data import IGNORE_INDEX, packing
+from pi_lora.data import IGNORE_INDEX, packing, tokenizing
 from pi_lora.data import files as records
 from pi_lora.data.files import BUILDERS, reading_files
 from pi_lora.data.packing import ConversationCounts
@@ -102,7 +102,7 @@ def load_raw(data: DataSection) -> Any:
 
 
 def _require_column(raw: Any, column: str, field: str) -> None:
-    columns = packing.column_names(raw)
+    columns = tokenizing.column_names(raw)
     if column not in columns:
         raise PiLoraError(f"column {column!r} not in the data (columns: {columns})",
                           field=field, fix=f"set {field} to one of {columns}")
@@ -144,12 +144,12 @@ def _sequences(data: DataSection, tokenizer: Any, seq_len: int, seed: int,
                work: Path) -> tuple[Any, ConversationCounts | None]:
     """Packed rows (Arrow, cached in `work`) and, for conversations, what fitting cost."""
     raw = load_raw(data)
-    num_proc = packing.auto_num_proc(len(raw), data.num_proc)
     if data.format == "pretrain":
         _require_column(raw, data.text_field, "data.text_field")
         records.check_text_column(raw, data.text_field, "data.text_field", _where(data))
-        tokens = packing.tokenize_documents_up_to(raw, tokenizer, data.text_field, num_proc,
-                                                  str(work / "tokens"), data.max_tokens)
+        num_proc = tokenizing.auto_num_proc(raw, [data.text_field], data.num_proc)
+        tokens = tokenizing.tokenize_documents_up_to(raw, tokenizer, data.text_field, num_proc,
+                                                     str(work / "tokens"), data.max_tokens)
         blocks = packing.pack_wrapped(tokens, seq_len, data.max_tokens, str(work / "packed.arrow"))
         if data.short_mix:
             blocks = packing.split_for_short_mix(blocks, data.short_mix.seq_len,
@@ -157,9 +157,10 @@ def _sequences(data: DataSection, tokenizer: Any, seq_len: int, seed: int,
         return blocks, None
     _check_chat_template(tokenizer)
     columns, to_messages = _conversation_reader(data, raw)
+    num_proc = tokenizing.auto_num_proc(raw, columns, data.num_proc)
     try:
-        tokens = packing.tokenize_conversations(raw, tokenizer, to_messages, columns, num_proc,
-                                                str(work / "tokens.arrow"))
+        tokens = tokenizing.tokenize_conversations(raw, tokenizer, to_messages, columns,
+                                                   num_proc, str(work / "tokens.arrow"))
     except PiLoraError as err:
         raise _at_record(err, raw, columns, to_messages, _where(data)) from None
     fitting, counts = packing.fit_conversations(tokens, seq_len)
@@ -174,7 +175,7 @@ def _conversation_reader(data: DataSection, raw: Any) -> tuple[list[str], Any]:
     fields = data.instruction_fields
     _require_column(raw, fields.instruction, "data.instruction_fields.instruction")
     _require_column(raw, fields.output, "data.instruction_fields.output")
-    if fields.input in packing.column_names(raw):
+    if fields.input in tokenizing.column_names(raw):
         return [fields.instruction, fields.input, fields.output], _alpaca
     return [fields.instruction, fields.output], lambda instruction, output: _alpaca(
         instruction, None, output)
@@ -195,7 +196,7 @@ def _at_record(err: PiLoraError, raw: Any, columns: list[str], to_messages: Any,
 
 def _alpaca(instruction: Any, extra: Any, output: Any) -> list[dict[str, str]]:
     records.alpaca_fields(instruction, extra, output)
-    return packing.alpaca_messages(instruction, extra, output)
+    return tokenizing.alpaca_messages(instruction, extra, output)
 
 
 def _where(data: DataSection) -> str:
@@ -246,9 +247,9 @@ def _open_entry(path: Path, *, fresh: bool = False) -> BuiltData | None:
         counts_file = path / "conversations.json"
         counts = ConversationCounts(**json.loads(counts_file.read_text())) \
             if counts_file.is_file() else None
-        tokens = packing.count_tokens(train)  # touches every row: a short file fails here
+        tokens = tokenizing.count_tokens(train)  # touches every row: a short file fails here
         if validation is not None:
-            packing.count_tokens(validation)
+            tokenizing.count_tokens(validation)
     except Exception as exc:  # datasets / pyarrow / json each raise their own kinds
         if fresh:
             raise
@@ -265,7 +266,8 @@ def _unwritable_cache(root: Path, exc: OSError) -> PiLoraError:
                        fix="set data.cache_dir (or PI_LORA_CACHE) to a writable directory")
 
 
-STREAM_SHUFFLE_ROWS = 256  # packed rows a stream is shuffled within
+STREAM_SHUFFLE_TOKENS = 1 << 21  # tokens of packed rows a stream is shuffled within
+STREAM_SHUFFLE_ROWS = (8, 256)  # ... as at least 8, at most 256 rows
 STREAM_SAMPLE_ROWS = 64  # packs that estimate a chat stream's tokens per row
 
 
@@ -279,18 +281,19 @@ def _stream(data: DataSection, tokenizer: Any, seq_len: int, seed: int) -> Built
     with reading_files(paths):
         if data.format == "pretrain":
             _require_column(raw, data.text_field, "data.text_field")
-            tokens = packing.tokenize_documents(raw, tokenizer, data.text_field, None)
+            tokens = tokenizing.tokenize_documents(raw, tokenizer, data.text_field, None)
             rows = packing.stream_blocks(tokens, seq_len, data.max_tokens)
         else:
             _check_chat_template(tokenizer)
             columns, to_messages = _conversation_reader(data, raw)
-            tokens = packing.tokenize_conversations(raw, tokenizer, to_messages, columns, None)
+            tokens = tokenizing.tokenize_conversations(raw, tokenizer, to_messages, columns, None)
             rows = packing.pack_conversations(packing.stream_fitting(tokens, seq_len), seq_len)
         held_out = list(rows.take(data.validation_sequences)) if data.validation_sequences else []
         sample = [len(r[packing.TOKENS]) for r in rows.take(STREAM_SAMPLE_ROWS)]
     validation = datasets.Dataset.from_list(held_out) if held_out else None
-    train = _read_guarded(rows.skip(len(held_out)), paths).shuffle(
-        seed=seed, buffer_size=STREAM_SHUFFLE_ROWS)
+    low, high = STREAM_SHUFFLE_ROWS
+    buffer = max(low, min(high, STREAM_SHUFFLE_TOKENS // seq_len))  # bounded by tokens too
+    train = _read_guarded(rows.skip(len(held_out)), paths).shuffle(seed=seed, buffer_size=buffer)
     if not sample:
         raise PiLoraError(f"the data stream gives no sequence of {seq_len} tokens",
                           field="data.files" if data.files else "data.dataset",
