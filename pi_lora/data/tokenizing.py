@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -75,7 +76,7 @@ def batch_rows(dataset: Any, columns: list[str]) -> int:
     """Rows per map batch: as many as keep a batch of the longest rows under the budget."""
     if is_stream(dataset):
         return STREAM_BATCH_ROWS
-    longest = int(text_bytes(_table(dataset), columns).max()) if len(dataset) else 1
+    longest = int(row_bytes(dataset, columns).max()) if len(dataset) else 1
     return max(1, min(MAX_BATCH_ROWS, TEXT_BUDGET_BYTES // max(longest, 1)))
 
 
@@ -87,16 +88,16 @@ def auto_num_proc(dataset: Any, columns: list[str], requested: int | None) -> in
     if is_stream(dataset) or not len(dataset):
         return None
     cores = min(16, len(os.sched_getaffinity(0)))
-    large = int(text_bytes(_table(dataset), columns).sum()) >= PROCESS_BYTES
+    large = int(row_bytes(dataset, columns).sum()) >= PROCESS_BYTES
     return cores if large and cores > 1 else None
 
 
-def _table(dataset: Any) -> Any:
-    """The rows of a Dataset as one Arrow table, following a `select`'s indices."""
-    table = dataset.data.table
-    if dataset._indices is not None:
-        table = table.take(dataset._indices.column(0))
-    return table
+def row_bytes(dataset: Any, columns: list[str]) -> np.ndarray:
+    """`text_bytes` of a Dataset's rows, following a `select`'s indices (no row copied)."""
+    sizes = text_bytes(dataset.data.table, columns)
+    if dataset._indices is None:
+        return sizes
+    return sizes[dataset._indices.column(0).to_numpy(zero_copy_only=False)]
 
 
 def is_stream(dataset: Any) -> bool:
@@ -207,6 +208,10 @@ class DocumentEncoder:
         self.eos = tokenizer.eos_token_id
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self.backend = backend if backend is not None and self._agrees(backend) else None
+        if self.backend is None:
+            print("pi-lora: this tokenizer's Rust core alone does not give its tokens: "
+                  "tokenizing through transformers (about half the speed, documents whole)",
+                  file=sys.stderr, flush=True)
         self.affixes = _special_affixes(self.backend) if self.backend is not None else None
 
     def _agrees(self, backend: Any) -> bool:
@@ -239,19 +244,16 @@ class DocumentEncoder:
                                  return_token_type_ids=False)["input_ids"]
             return [np.concatenate([np.asarray(r, np.int32), end]) if t else end[:0]
                     for r, t in zip(ids, texts, strict=True)]
-        out: list[np.ndarray] = []
-        for text in texts:
-            if not text:
-                out.append(end[:0])
-            elif len(text) <= PIECE_CHARS or self.affixes is None:
-                out.append(np.empty(0, np.int32))  # filled below, in one batched call
-            else:
-                out.append(self._encode_long(text, end))
-        whole = [i for i, t in enumerate(texts) if t and (len(t) <= PIECE_CHARS or self.affixes is None)]
+        out = [end[:0] if not text or self._whole(text) else self._encode_long(text, end)
+               for text in texts]
+        whole = [i for i, text in enumerate(texts) if text and self._whole(text)]  # one batched call
         encodings = self.backend.encode_batch_fast([texts[i] for i in whole], add_special_tokens=True)
         for i, encoding in zip(whole, encodings, strict=True):
             out[i] = np.concatenate([_int32(encoding.ids), end])
         return out
+
+    def _whole(self, text: str) -> bool:
+        return len(text) <= PIECE_CHARS or self.affixes is None
 
     def _encode_long(self, text: str, end: np.ndarray) -> np.ndarray:
         """A long document in pieces cut at exact token boundaries, with the specials the
