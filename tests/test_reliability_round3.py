@@ -7,6 +7,7 @@ merges both published), a truncated or mis-shaped adapter reached the fold as a 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -117,6 +118,23 @@ def test_export_of_a_release_with_a_corrupt_config_is_one_message(
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "config.json is unreadable" in err
     assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_truncated_base_weights_at_train_are_one_message_naming_the_file(
+        tiny_models, write_recipe, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """safetensors' SafetensorError is not an OSError: a base cut short by a download reached
+    the user as a traceback naming no file."""
+    import os
+
+    model = tmp_path / "base"
+    shutil.copytree(tiny_models(), model)
+    weights = model / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    path = write_recipe(model, training={"max_steps": 1})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights} is damaged" in err and "model.name" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_pose_with_one_chunk_is_refused(tiny_models, write_recipe,
@@ -402,3 +420,62 @@ def test_the_cli_says_what_it_is_and_its_version(capsys: pytest.CaptureFixture[s
         main(["--help"])
     text = capsys.readouterr().out
     assert "Extend the context window" in text and "nothing imports" not in text
+
+
+def _no_kernel_locks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem whose locks stay on each machine (Lustre `localflock`, FUSE): every
+    flock is granted, so only the lease can see a holder elsewhere."""
+    import pi_lora.core.run_lock as run_lock
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", lambda fd, op: None)
+
+
+def test_a_live_holder_on_another_host_refuses_where_the_kernel_lock_is_local(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes, one playing another machine: its flock is invisible here, its
+    heartbeat is not."""
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    code = ("import socket, time, pi_lora.core.run_lock as L; "
+            "L.fcntl.flock = lambda fd, op: None; socket.gethostname = lambda: 'node-b'; "
+            "L.BEAT_SECONDS = 0.1; "
+            f"L.RunLock.acquire({str(run_dir)!r}); print('held', flush=True); time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert other.stdout.readline().strip() == "held"
+        _no_kernel_locks(monkeypatch)
+        first = json.loads(lock_path(run_dir).read_text())["beat"]
+        time.sleep(0.5)
+        assert json.loads(lock_path(run_dir).read_text())["beat"] > first  # it beats
+        with pytest.raises(PiLoraError) as refused:
+            RunLock.acquire(run_dir)
+        assert "node-b" in str(refused.value) and "across machines" in str(refused.value)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_lease_past_its_time_frees_the_run_and_a_release_clears_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine that died mid-run leaves its record: after LEASE_SECONDS it is no holder."""
+    import socket
+    import time
+
+    from pi_lora.core.run_lock import LEASE_SECONDS, holder
+
+    _no_kernel_locks(monkeypatch)
+    run_dir = tmp_path / "run"
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    path.write_text(json.dumps({"pid": 7, "host": "node-b", "since": now - 999,
+                                "beat": now - LEASE_SECONDS - 1}))
+    assert holder(run_dir) is None
+    lock = RunLock.acquire(run_dir)
+    assert json.loads(path.read_text())["host"] == socket.gethostname()
+    lock.release()
+    assert path.read_text() == "" and holder(run_dir) is None

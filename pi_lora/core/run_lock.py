@@ -7,6 +7,13 @@ data load, and the second process must be refused before it spends minutes loadi
 The kernel drops a flock when its holder dies, even by kill -9, so a dead run never blocks a
 resume; the pid, host and start time written into the file name the holder in the refusal.
 
+Across machines: on Linux, flock on NFS is carried to the server as a whole-file fcntl lock,
+so it holds between hosts; some shared filesystems keep locks per machine (Lustre mounted
+`localflock`, FUSE mounts) or have none. For those the file is also a lease: the holder
+rewrites its record every BEAT_SECONDS, and a record from another host that beat within
+LEASE_SECONDS refuses the run even where the kernel granted the lock. A machine that died
+frees the directory LEASE_SECONDS after its last beat.
+
 Under a launcher only one process holds it: `pi-lora train --nproc N` holds it in the parent
 across the children (`hold(..., for_children=True)` exports it in PI_LORA_RUN_LOCK and the
 children's main rank inherits it); under a bare torchrun the global main rank takes it.
@@ -20,6 +27,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,11 +36,31 @@ from pi_lora.core.errors import PiLoraError
 from pi_lora.core.safe_paths import canonical
 
 LOCK_ENV = "PI_LORA_RUN_LOCK"  # {"path": lock file, "pid": holder}: handed to launched ranks
+BEAT_SECONDS = 15.0   # how often a holder rewrites its record
+LEASE_SECONDS = 60.0  # a record from another host younger than this is a live holder
 
 
 def lock_path(run_dir: str | Path) -> Path:
     run_dir = canonical(run_dir)  # a symlinked output_dir locks the directory it names
     return run_dir.parent / f".{run_dir.name}.lock"
+
+
+def _record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _remote_lease(path: Path) -> dict | None:
+    """The record of a holder on another host whose last beat is within the lease, if any:
+    the one holder a machine-local lock cannot see."""
+    record = _record(path)
+    beat = record.get("beat", record.get("since"))
+    if record.get("host") in (None, socket.gethostname()) or not isinstance(beat, int | float):
+        return None
+    return record if time.time() - beat < LEASE_SECONDS else None
 
 
 def _holder_text(path: Path) -> str:
@@ -42,6 +70,8 @@ def _holder_text(path: Path) -> str:
         text = f"pid {holder['pid']} on {holder['host']} since {since}"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process"
+    if "beat" in holder and holder["host"] != socket.gethostname():
+        text += f", last heartbeat {time.time() - holder['beat']:.0f} s ago"
     if holder["host"] == socket.gethostname() and not _alive(int(holder["pid"])):
         text += " (exited; a process it forked still holds the lock: stop that one)"
     return text
@@ -80,12 +110,13 @@ def holder(run_dir: str | Path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as exc:
-        return _holder_text(path) if exc.errno in (errno.EWOULDBLOCK, errno.EACCES) else None
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            return _holder_text(path)
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
     finally:
         os.close(fd)
+    return _holder_text(path) if _remote_lease(path) else None
 
 
 def held_by_another(run_dir: str | Path) -> bool:
@@ -102,12 +133,20 @@ def held_by_another(run_dir: str | Path) -> bool:
     return not (mine or _inherited(path))
 
 
+def _in_use(run_dir: str | Path, path: Path, more_fix: str = "") -> PiLoraError:
+    return PiLoraError(f"{Path(run_dir)} is in use by {_holder_text(path)}", field="output_dir",
+                       fix="wait for that run to finish (or stop it), or train into another "
+                           "output_dir" + more_fix)
+
+
 class RunLock:
     """A held lock; `release()` (or process exit) frees it."""
 
     def __init__(self, path: Path, fd: int | None) -> None:
         self.path = path
         self._fd = fd
+        self._stop = threading.Event()
+        self._beats: threading.Thread | None = None
 
     @classmethod
     def acquire(cls, run_dir: str | Path) -> RunLock:
@@ -118,21 +157,43 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                if _inherited(path):
+                    return cls(path, None)
+                raise _in_use(run_dir, path) from None
+            print(f"pi-lora: WARNING: cannot lock {path} ({exc.strerror}: this filesystem has "
+                  "no locks); only the heartbeat lease guards this run", flush=True)
+        if _remote_lease(path):  # granted here, but a live holder on another machine
             os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                print(f"pi-lora: WARNING: cannot lock {path} ({exc.strerror}: this filesystem "
-                      "has no locks); nothing stops a second trainer here", flush=True)
-                return cls(path, None)
-            if _inherited(path):
-                return cls(path, None)
-            raise PiLoraError(
-                f"{Path(run_dir)} is in use by {_holder_text(path)}", field="output_dir",
-                fix="wait for that run to finish (or stop it), or train into another "
-                    "output_dir") from None
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+            raise _in_use(run_dir, path, f"; this filesystem's locks do not reach across "
+                          f"machines: a host that died frees it {LEASE_SECONDS:.0f} s after "
+                          "its last heartbeat")
+        lock = cls(path, fd)
+        lock._start_beats()
+        return lock
+
+    def _start_beats(self) -> None:
+        """Write the record now and every BEAT_SECONDS until release (the lease)."""
+        since = time.time()
+        fd = self._fd
+
+        def write() -> None:
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "since": since,
+                      "beat": time.time()}
+            data = json.dumps(record).encode()
+            os.pwrite(fd, data.ljust(max(len(data), 160)), 0)  # same length: no truncation race
+
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        return cls(path, fd)
+        write()
+
+        def beat() -> None:
+            while not self._stop.wait(BEAT_SECONDS):
+                with contextlib.suppress(OSError):  # a full disk keeps the old beat
+                    write()
+
+        self._beats = threading.Thread(target=beat, name="pi-lora-lock-beat", daemon=True)
+        self._beats.start()
 
     def export_to_children(self) -> None:
         """Processes this one launches inherit the lock instead of contending for it."""
@@ -143,7 +204,13 @@ class RunLock:
             return
         if os.environ.get(LOCK_ENV, "").find(f'"pid": {os.getpid()}') >= 0:
             del os.environ[LOCK_ENV]
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._stop.set()
+        if self._beats is not None:
+            self._beats.join()
+        with contextlib.suppress(OSError):  # the next holder reads "no live lease" at once
+            os.ftruncate(self._fd, 0)
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
 

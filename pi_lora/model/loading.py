@@ -226,11 +226,33 @@ def load_model(
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     if device_map is not None:
         kwargs["device_map"] = device_map
+    from safetensors import SafetensorError
+
     try:
         loaded = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except SafetensorError as exc:  # not an OSError: a truncated or garbled weights file
+        raise _damaged_weights(Path(source.path), exc) from None
     except (OSError, ValueError) as exc:
         raise _hub_error(model, exc) from None
     return loaded
+
+
+def _damaged_weights(directory: Path, exc: Exception) -> PiLoraError:
+    """Name the weights file safetensors refused (its error names none), and the fix."""
+    from safetensors import SafetensorError, safe_open
+
+    broken = directory
+    for path in sorted(directory.glob("*.safetensors")) if directory.is_dir() else ():
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            broken = path
+            break
+    return PiLoraError(f"{broken} is damaged (safetensors: {str(exc).splitlines()[0][:160]}); "
+                       "a download or copy was cut short", field="model.name",
+                       fix="download or copy the model again (compare its size with the "
+                           "source's), then rerun")
 
 
 # --------------------------------------------------------------------------- LoRA
