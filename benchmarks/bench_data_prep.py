@@ -4,6 +4,7 @@
     python -m benchmarks.bench_data_prep --doc-tokens 40K --tokens 10M,100M --streaming
     python -m benchmarks.bench_data_prep --tokens 10M --doc-tokens 1K --legacy-max 10M
     python -m benchmarks.bench_data_prep --ranks                # 2 ranks: one builds, one waits
+    python -m benchmarks.bench_data_prep --train-mb 20,80       # 1-step `pi-lora train` on play rows
 
 The corpus is the shipped Shakespeare plays cut into scenes, shuffled and joined into
 documents of the asked length (1K tokens: a scene; 40K: about a play; 400K: a long book),
@@ -98,10 +99,10 @@ class TreePeak:
     thread: the sum of their PSS (proportional set size), so pages the forked workers share
     with their parent count once, not once per process as summed RSS would."""
 
-    def __init__(self, interval_s: float = 0.02) -> None:
+    def __init__(self, interval_s: float = 0.02, pid: int | None = None) -> None:
         import psutil
 
-        self.process, self.interval = psutil.Process(), interval_s
+        self.process, self.interval = psutil.Process(pid), interval_s
         self.peak, self.peak_anon = 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -239,6 +240,34 @@ def measure(corpus: Path, mode: str, num_proc: int | None) -> dict[str, Any]:
     return out.result
 
 
+def train_peak(corpus: Path) -> dict[str, Any]:
+    """A 1-step `pi-lora train recipes/tiny.yaml` on `corpus` with a fresh cache: peak PSS and
+    anonymous PSS of the whole process tree, sampled as the builds are."""
+    import subprocess
+
+    out = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    env = worker_env(threads=1, extra={"HF_DATASETS_CACHE": str(out / "hf"),
+                                       "PI_LORA_CACHE": str(out / "cache"),
+                                       "HF_DATASETS_OFFLINE": "1"})
+    command = [sys.executable, "-m", "pi_lora.cli", "train", str(REPO / "recipes" / "tiny.yaml"),
+               "--set", f"data.files=[{corpus}]", "--set", "training.max_steps=1",
+               "--set", f"model.name={REPO / 'build' / 'tiny' / 'model'}",
+               "--set", f"output_dir={out / 'run'}"]
+    started = time.time()
+    try:
+        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        sampler = TreePeak(pid=proc.pid)
+        log, _ = proc.communicate(timeout=3600)
+        pss, anon = sampler.stop()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train on {corpus.name} failed (rc {proc.returncode}):\n{log[-3000:]}")
+    return {"corpus_bytes": corpus.stat().st_size, "seconds": time.time() - started,
+            "tree_peak_bytes": pss, "tree_anon_peak_bytes": anon}
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     gib = 1 << 30
     lines = ["| documents | corpus | path | processes | tokens | seconds | M tok/s "
@@ -264,6 +293,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the rows here too")
     parser.add_argument("--ranks", action="store_true",
                         help="2 ranks under torchrun on the smallest corpus: who builds, who waits")
+    parser.add_argument("--train-mb", help="instead: 1-step train runs on corpora of whole "
+                                           "plays (40K-token rows) of these sizes, e.g. 20,80")
     parser.add_argument("--worker")
     parser.add_argument("--rank-worker")
     parser.add_argument("--mode", choices=["legacy", "new", "stream"])
@@ -283,6 +314,19 @@ def main() -> None:
             print(f"rank {r['rank']}: {'built' if r['built'] else 'waited, then memory-mapped'} "
                   f"{r['tokens'] / 1e6:.1f}M tokens; wall {r['seconds']:.1f} s, CPU "
                   f"{r['cpu_seconds']:.1f} s")
+        return
+    if args.train_mb:
+        results = []
+        for mb in args.train_mb.split(","):
+            tokens = int(float(mb) * 1e6 / BYTES_PER_TOKEN)
+            corpus = write_corpus(args.corpus_dir / f"corpus-40K-{mb}MB.jsonl", tokens, 40_000)
+            results.append({"mb": mb} | train_peak(corpus))
+            r = results[-1]
+            print(f"{r['corpus_bytes'] / 1e6:.0f} MB of 40K-token rows: 1-step train peak PSS "
+                  f"{r['tree_peak_bytes'] / (1 << 30):.2f} GiB, anonymous "
+                  f"{r['tree_anon_peak_bytes'] / (1 << 30):.2f} GiB, {r['seconds']:.0f} s", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"train": results}, indent=1) + "\n")
         return
     rows = []
     for doc in args.doc_tokens.split(","):

@@ -68,8 +68,10 @@ def test_eval_base_run_and_release_in_one_report(tiny_models, write_recipe, corp
 
 def test_eval_bad_options_exit_2(tiny_models, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["eval", str(tiny_models("llama")), "--no-passkey"]) == 2
-    assert "documents" in capsys.readouterr().err
+    assert main(["eval", str(tiny_models("llama")), "--no-passkey", "--ppl-lengths", "128",
+                 "--stride", "512", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--stride" in err and "options" not in err and not (tmp_path / "r").exists()
     assert main(["eval", str(tmp_path / "nope" / "x" / "y")]) == 2
     # a passkey length the tokenizer cannot fill: exit 2 naming the flag, no report directory
     out = tmp_path / "short"
@@ -105,3 +107,23 @@ def test_every_eval_option_is_declared_once_and_sets_its_field() -> None:
                                                                   "perplexity": True}
     help_text = parser._subparsers._group_actions[0].choices["eval"].format_help()
     assert "(default: 256)" in help_text and "(default: 1024,2048,4096,8192)" in help_text
+
+
+def test_eval_of_a_release_with_no_options_scores_its_own_windows_on_shipped_text(
+        tiny_models, write_recipe, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """README's third command, as merge's `next:` prints it: no --docs, no lengths. It used
+    to exit 2 naming a flag that does not exist ("options"); lengths were fixed at 1k-8k."""
+    model_dir = tiny_models("llama")  # 128-token window; the recipe extends it to 256
+    assert main(["train", str(write_recipe(model_dir, training={"max_steps": 1}))]) == 0
+    assert main(["merge", str(tmp_path / "run"), "--output", str(tmp_path / "rel")]) == 0
+    out = tmp_path / "report"
+    assert main(["eval", str(tmp_path / "rel"), "--trials", "1", "--depths", "0.5",
+                 "--max-windows", "1", "--dtype", "fp32", "--out", str(out)]) == 0
+    assert "lengths passkey 256; ppl 128,256" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    proto = report["protocol"]
+    assert proto["passkey"]["lengths"] == [256]  # 128 cannot hold the passkey prompt
+    assert [d["source"] for d in proto["perplexity"]["documents"]] == [
+        "pi-lora shipped text: Shakespeare (public domain)"] * 2
+    assert sorted(report["targets"][0]["perplexity"]["by_length"]) == ["128", "256"]
+    assert report["targets"][0]["describe"]["window"] == {"original": 128, "extended": 256}

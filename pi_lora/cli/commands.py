@@ -156,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from pi_lora.eval.report import render_markdown
-    from pi_lora.eval.runner import resolve_device, resolve_dtype, run_eval
+    from pi_lora.eval.runner import default_lengths, resolve_device, resolve_dtype, run_eval
     from pi_lora.eval.settings import EvalSettings
     from pi_lora.eval.targets import resolve_targets
 
@@ -170,6 +170,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     resolve_device(settings)  # an unknown or absent device fails here, before any loading
     targets = resolve_targets(args.targets, args.rope, resolve_dtype(settings),
                               args.trust_remote_code)
+    derived = {name: default_lengths(targets, passkey=name == "passkey_lengths")
+               for name in ("passkey_lengths", "ppl_lengths") if name not in given}
+    if derived and default_lengths(targets):  # lengths follow the targets' windows
+        try:
+            settings = EvalSettings(**given, **derived)
+        except ValidationError as exc:
+            raise _eval_option_error(exc) from None
+        said = "; ".join(f"{name.split('_')[0]} {','.join(map(str, lengths))}"
+                         for name, lengths in derived.items())
+        print(f"pi-lora: lengths {said} (the targets' original, half-extended and extended "
+              "windows; --passkey-lengths / --ppl-lengths choose others)", flush=True)
     report = run_eval(targets, settings, out)
     print(render_markdown(report))
     print(f"pi-lora: report written to {out}/report.md (numbers and protocol: {out}/report.json)")
@@ -209,9 +220,13 @@ def _eval_option_error(exc: ValidationError) -> PiLoraError:
     from pi_lora.eval.settings import FLAGS
 
     option = FLAGS.get(name)
-    flag = option.flag if option else ("--" + name.replace("_", "-") if name else "options")
-    got = f" (got {short_repr(first['input'])})" if name and "input" in first else ""
-    return PiLoraError(f"{first['msg']}{got}", field=flag, fix="see pi-lora eval --help")
+    message = first["msg"].removeprefix("Value error, ")  # pydantic's wording is not ours
+    if not name:  # a rule across options: its message names the flags
+        flag = message.split()[0] if message.startswith("--") else None
+        return PiLoraError(message, field=flag, fix="see `pi-lora eval --help` for each flag")
+    flag = option.flag if option else "--" + name.replace("_", "-")
+    got = f" (got {short_repr(first['input'])})" if "input" in first else ""
+    return PiLoraError(f"{message}{got}", field=flag, fix=f"see `pi-lora eval --help` for {flag}")
 
 
 def _check_report_dir(out: Path) -> None:

@@ -15,10 +15,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-PLAYS_PATH = Path(__file__).parent / "data" / "plays.jsonl.gz"
-
-# Held out of every training set (base and fine-tunes) and used for perplexity.
-EVAL_PLAYS = ("hamlet", "the-tempest")
+# Held out of every training set (base and fine-tunes) and used for perplexity; eval's
+# default text, so their one home is there
+from pi_lora.eval.texts import HELD_OUT_PLAYS as EVAL_PLAYS
+from pi_lora.eval.texts import PLAYS_PATH
 
 
 @dataclass(frozen=True)

@@ -54,11 +54,17 @@ def plot_passkey_heatmap(
 
 
 def plot_ppl_curves(
-    curves: Mapping[str, Mapping[int, float]], title: str, path: Path
+    curves: Mapping[str, Mapping[int, float]], title: str, path: Path,
+    windows: Sequence[int] = (),
 ) -> None:
-    """One perplexity-vs-length line per target; log y when the values span > 20x."""
+    """One perplexity-vs-length line per target, the targets' original and trained windows
+    as dotted verticals; log y when the values span > 20x."""
     fig = Figure(figsize=(7.0, 4.2))
     ax = fig.add_subplot()
+    for n in windows:
+        ax.axvline(n, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(f"window {format_length(n)}", (n, 1.0), xycoords=("data", "axes fraction"),
+                    rotation=90, va="top", ha="right", fontsize=7, color="grey")
     values = [v for curve in curves.values() for v in curve.values() if not math.isnan(v)]
     for label, curve in curves.items():
         lengths = sorted(curve)

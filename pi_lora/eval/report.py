@@ -199,7 +199,9 @@ def _draw_figures(report: dict[str, Any], out_dir: Path) -> list[str]:
     curves = _ppl_curves(report)
     if curves:
         title = f"perplexity vs context length ({proto['perplexity']['mode']})"
-        plots.plot_ppl_curves(curves, title, out_dir / PPL_FIGURE)
+        windows = sorted({w[k] for t in report["targets"] if (w := t["describe"].get("window"))
+                          for k in ("original", "extended")})
+        plots.plot_ppl_curves(curves, title, out_dir / PPL_FIGURE, windows)
         drawn.append(PPL_FIGURE)
     return drawn
 

@@ -35,6 +35,22 @@ class EvalTarget:
     label: str  # e.g. "base (plain RoPE)", "linear PI x4", "run: llama-16k"
     load: Callable[[], ModelPair]  # returns a model with a clean rotary state on each call
     describe: dict[str, Any] = field(default_factory=dict)  # model path, rope, kind, ...
+    # (original, extended) context window in tokens: the default lengths and the plots' marks
+    window: tuple[int, int] | None = None
+
+
+PASSKEY_MIN_DEFAULT = 256  # the passkey's instruction + key + question need ~100-250 tokens
+
+
+def default_lengths(targets: list[EvalTarget], *, passkey: bool = False) -> list[int]:
+    """Lengths that test what each target claims: its original window, half its extended
+    window and the extended window (a 512-token release is scored at 128/256/512, not at
+    fixed 1k-8k); passkey leaves out windows too short for its prompt."""
+    lengths = sorted({n for t in targets if t.window
+                      for n in (t.window[0], t.window[1] // 2, t.window[1])})
+    if passkey:
+        return [n for n in lengths if n >= PASSKEY_MIN_DEFAULT] or lengths[-1:]
+    return lengths
 
 
 def resolve_device(settings: EvalSettings) -> torch.device:
@@ -194,12 +210,13 @@ def evaluate_target(
 
 
 def gather_documents(settings: EvalSettings) -> list[texts.Document]:
-    """Local files first, then the dataset split if one is configured."""
+    """Local files first, then the dataset split if one is configured; neither: the
+    held-out plays pi-lora ships (the report names them as such)."""
     documents = texts.load_documents(settings.documents)
     if settings.dataset is not None:
         documents += texts.load_dataset_documents(
             settings.dataset, settings.dataset_text_field, settings.dataset_max_documents)
-    return documents
+    return documents or texts.shipped_documents()
 
 
 def run_eval(targets: list[EvalTarget], settings: EvalSettings, out_dir: Path) -> dict:

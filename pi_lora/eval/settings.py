@@ -74,11 +74,14 @@ class EvalSettings(BaseModel):
 
     @model_validator(mode="after")
     def _perplexity_inputs(self) -> EvalSettings:
-        if self.perplexity and not self.documents and self.dataset is None:
-            raise ValueError("perplexity needs `documents` (text files) or a `dataset` split")
+        # no documents and no dataset: the runner scores the shipped held-out plays
         sliding = self.perplexity and self.ppl_mode == "sliding"
+        shortest = min(self.ppl_lengths, default=self.ppl_stride)
+        if "ppl_stride" not in self.model_fields_set and self.ppl_stride > shortest:
+            self.ppl_stride = max(1, shortest // 2)  # the default: 256, or half a shorter window
         if sliding and self.ppl_stride > min(self.ppl_lengths, default=self.ppl_stride):
-            raise ValueError(f"ppl_stride {self.ppl_stride} exceeds the shortest ppl length")
+            raise ValueError(f"--stride {self.ppl_stride} is longer than the shortest "
+                             f"--ppl-lengths window ({shortest}): windows would skip tokens")
         return self
 
 
@@ -95,7 +98,9 @@ class EvalFlag:
 
 FLAGS: dict[str, EvalFlag] = {
     "passkey_lengths": EvalFlag("--passkey-lengths", "passkey prompt lengths, a comma list "
-                                "such as 1k,2k,4k,8k", "lengths"),
+                                "such as 1k,2k,4k,8k (default: each target's original "
+                                "window, half its extended window and the extended window)",
+                                "lengths"),
     "passkey_depths": EvalFlag("--depths", "key depths as fractions of the filler, a comma "
                                "list such as 0,0.5,1", "fractions"),
     "passkey_trials": EvalFlag("--trials", "trials per (length, depth), each a new key", "int"),
@@ -103,11 +108,13 @@ FLAGS: dict[str, EvalFlag] = {
     "k_max_threshold": EvalFlag("--k-max-threshold", "success rate every length up to k_max "
                                 "reaches (the PI paper: 0.2)", "float"),
     "ppl_lengths": EvalFlag("--ppl-lengths", "perplexity window lengths, a comma list such as "
-                            "2k,4k,8k,16k", "lengths"),
-    "ppl_stride": EvalFlag("--stride", "sliding-window stride in tokens", "int"),
+                            "2k,4k,8k,16k (default: as --passkey-lengths)", "lengths"),
+    "ppl_stride": EvalFlag("--stride", "sliding-window stride in tokens (or half the shortest "
+                           "length when that is under 256)", "int"),
     "ppl_mode": EvalFlag("--ppl-mode", "sliding (Press et al.: only new tokens scored) or "
                          "whole-window (LongLoRA's script)", "choice"),
-    "documents": EvalFlag("--docs", "text file or directory for perplexity (repeatable)", "paths"),
+    "documents": EvalFlag("--docs", "text file or directory for perplexity (repeatable; "
+                          "default: the held-out Shakespeare plays pi-lora ships)", "paths"),
     "ppl_max_windows": EvalFlag("--max-windows", "windows per length (bounds the cost)", "int"),
     "dtype": EvalFlag("--dtype", "auto: bf16 on GPUs and CPUs that compute it natively, else "
                       "fp32", "choice"),

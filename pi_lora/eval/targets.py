@@ -19,7 +19,7 @@ import torch
 from pi_lora.core.errors import PiLoraError
 from pi_lora.eval.runner import EvalTarget, ModelPair
 from pi_lora.model.loading import load_config, load_model, load_tokenizer
-from pi_lora.model.rope import RopePlan, rope_override
+from pi_lora.model.rope import RopePlan, detect_existing, rope_override
 from pi_lora.recipe.dtypes import dtype_name
 from pi_lora.recipe.loading import MAX_CONTEXT, SCALING_METHODS, ModelSection
 from pi_lora.release.files import is_release
@@ -135,18 +135,28 @@ def _model_target(spec: str, label: str | None, dtype: torch.dtype, rope: RopeSp
                   kind: str, trust_remote_code: bool) -> EvalTarget:
     section = _model_section(spec, dtype, trust_remote_code)
     plan = None
+    config = load_config(section)
     if rope is not None and rope.method != "none":
         assert rope.target_context is not None
-        plan = rope_override(rope.method, rope.target_context, load_config(section),
-                             factors=rope.factors)
+        plan = rope_override(rope.method, rope.target_context, config, factors=rope.factors)
     name = label or _default_label(spec, kind, plan)
+    window = (plan.original_context, plan.target_context) if plan else _config_window(config)
     describe: dict[str, Any] = {"kind": kind, "model": spec,
-                                "rope": plan.to_dict() if plan else "as in the model config"}
+                                "rope": plan.to_dict() if plan else "as in the model config",
+                                "window": {"original": window[0], "extended": window[1]}}
 
     def load() -> ModelPair:
         return load_model(section, plan), load_tokenizer(section)
 
-    return EvalTarget(name, load, describe)
+    return EvalTarget(name, load, describe, window)
+
+
+def _config_window(config: Any) -> tuple[int, int]:
+    """(original, extended) as a checkpoint's config says: a release or a Llama 3.1 carries
+    its scaling and the window it was pretrained at; a plain model has one window."""
+    extended = int(config.max_position_embeddings)
+    existing = detect_existing(config)
+    return (existing.original_context if existing else extended), extended
 
 
 def _default_label(spec: str, kind: str, plan: RopePlan | None) -> str:
@@ -170,6 +180,7 @@ def _run_target(spec: str, label: str | None, dtype: torch.dtype) -> EvalTarget:
             model = model.merge_and_unload()
         return model, load_tokenizer(section)
 
+    window = (plan.original_context, plan.target_context)
     describe = {"kind": "run", "run_dir": spec, "base_model": recipe.model.name,
-                "rope": plan.to_dict()}
-    return EvalTarget(label or f"{_short_name(spec)} [run]", load, describe)
+                "rope": plan.to_dict(), "window": {"original": window[0], "extended": window[1]}}
+    return EvalTarget(label or f"{_short_name(spec)} [run]", load, describe, window)

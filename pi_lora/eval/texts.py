@@ -19,6 +19,11 @@ KJV_MODULE = "engKJV2006eb"  # module name inside Debian's sword-text-kjv
 SWORD_DIRS = (Path("/usr/share/sword"), Path.home() / ".sword")
 KJV_INSTALL_TARGET = "make eval-texts"
 KJV_INSTALL_STEPS = "apt-get install sword-text-kjv && pip install pysword"
+# Shipped with pi-lora (package data): 38 public-domain Shakespeare plays; two are held out
+# of every training set pi-lora ships (demo, evidence), so eval can score them by default
+PLAYS_PATH = Path(__file__).resolve().parents[1] / "demo" / "data" / "plays.jsonl.gz"
+HELD_OUT_PLAYS = ("hamlet", "the-tempest")
+SHIPPED_SOURCE = "pi-lora shipped text: Shakespeare (public domain)"
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,18 @@ def _read_text(file: Path) -> str:
     except OSError as exc:
         raise PiLoraError(f"cannot read document {file}: {exc.strerror}", field="documents",
                           fix="check the path and its permissions") from None
+
+
+def shipped_documents() -> list[Document]:
+    """The held-out plays pi-lora ships: eval's perplexity text when none is given (~70K
+    tokens together, enough for windows up to ~32K; pass --docs for longer windows)."""
+    import gzip
+    import json
+
+    with gzip.open(PLAYS_PATH, "rt", encoding="utf-8") as lines:
+        plays = [json.loads(line) for line in lines]
+    return [Document(f"{p['name']} (shipped)", p["text"], SHIPPED_SOURCE)
+            for p in plays if p["name"] in HELD_OUT_PLAYS]
 
 
 def load_dataset_documents(source: DatasetSource, text_field: str = "text",
