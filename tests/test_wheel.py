@@ -65,3 +65,20 @@ def test_installed_wheel_resolves_shipped_files_outside_the_checkout(
     assert f"deepspeed config: {site / 'pi_lora' / 'deepspeed_configs' / 'zero3.json'}" in out
     _run(sys.executable, "-c", "from pi_lora.demo.run import RECIPES; "
          "assert (RECIPES / 'linear.yaml').is_file(), RECIPES", cwd=tmp_path, env=env)
+
+
+def test_installed_wheel_runs_shipped_recipes_by_name(installed: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    """`pip install pi-lora` then a recipe's name: listed, validated, copied and extended."""
+    _, site = installed
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    cli = (sys.executable, "-m", "pi_lora.cli")
+    assert "llama2-13b-16k" in _run(*cli, "recipes", cwd=tmp_path, env=env)
+    proc = subprocess.run([*cli, "validate", "llama2-13b-16k"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    shipped = site / "pi_lora" / "recipes" / "llama2-13b-16k.yaml"
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"using the shipped recipe llama2-13b-16k ({shipped})" in proc.stderr
+    _run(*cli, "recipes", "cp", "llama2-13b-16k", ".", cwd=tmp_path, env=env)
+    out = _run(*cli, "validate", "llama2-13b-16k.yaml", cwd=tmp_path, env=env)  # extends the
+    assert "factor: 4 (4096 -> 16384)" in out  # shipped base/llama2.yaml

@@ -23,9 +23,9 @@ from pi_lora.cli.commands import (
     cmd_plan,
     cmd_search,
     cmd_train,
-    cmd_validate,
     cpu_allocator,
 )
+from pi_lora.cli.recipes import cmd_recipes, cmd_validate_each, recipe_argument
 from pi_lora.core.errors import EXIT_USER_ERROR, PiLoraError
 from pi_lora.core.quiet import VERBOSE_ENV, quiet_third_party
 from pi_lora.core.signals import signal_number, signals_raise
@@ -65,8 +65,13 @@ _count = _bounded_int(1, 1 << 16, "a positive count")
 _seed = _bounded_int(0, 2**32 - 1, "an integer in [0, 2**32-1]")
 
 
-def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe YAML file")
+def _add_recipe_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    recipe_help = "recipe YAML file, or a shipped recipe's name (pi-lora recipes lists them)"
+    if several:
+        parser.add_argument("recipes", nargs="+", type=recipe_argument, metavar="recipe",
+                            help=recipe_help + "; several: one verdict each")
+    else:
+        parser.add_argument("recipe", type=recipe_argument, help=recipe_help)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a recipe value, e.g. training.max_steps=10")
 
@@ -86,8 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", parents=[common],
                        help="check a recipe and print what follows from it (offline)")
-    _add_recipe_args(p)
-    p.set_defaults(run=lambda a: cmd_validate(a.recipe, a.overrides))
+    _add_recipe_args(p, several=True)
+    p.set_defaults(run=lambda a: cmd_validate_each(a.recipes, a.overrides))
+
+    p = sub.add_parser("recipes", parents=[common],
+                       help="list, show or copy the recipes pi-lora ships")
+    actions = p.add_subparsers(dest="action")
+    actions.add_parser("list", help="every shipped recipe, one line each (the default)")
+    action = actions.add_parser("show", help="print a shipped recipe")
+    action.add_argument("name", help="e.g. llama2-13b-16k or base/pi-paper")
+    action = actions.add_parser("cp", help="copy a shipped recipe to edit it")
+    action.add_argument("name", help="e.g. llama2-13b-16k")
+    action.add_argument("destination", metavar="DIR_OR_FILE")
+    action.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(run=cmd_recipes)
 
     p = sub.add_parser("train", parents=[common],
                        help="PI-patched base + LoRA fine-tune into a run directory")

@@ -27,7 +27,7 @@ import torch
 
 from pi_lora.core.digest import cache_root, file_sha256
 from pi_lora.core.errors import PiLoraError
-from pi_lora.data import IGNORE_INDEX, packing, tokenizing
+from pi_lora.data import IGNORE_INDEX, layouts, packing, tokenizing
 from pi_lora.data import files as records
 from pi_lora.data.files import BUILDERS, reading_files
 from pi_lora.data.packing import ConversationCounts
@@ -101,11 +101,10 @@ def load_raw(data: DataSection) -> Any:
                           fix="download it first, or use data.files with local files") from None
 
 
-def _require_column(raw: Any, column: str, field: str) -> None:
+def _require_column(raw: Any, data: DataSection, column: str, field: str) -> None:
     columns = tokenizing.column_names(raw)
-    if column not in columns:
-        raise PiLoraError(f"column {column!r} not in the data (columns: {columns})",
-                          field=field, fix=f"set {field} to one of {columns}")
+    if column not in columns:  # chat records under format pretrain: the setting named
+        raise layouts.missing_column(data, column, field, columns, layouts.first_record(raw))
 
 
 # --------------------------------------------------------------------------- building + cache
@@ -145,7 +144,7 @@ def _sequences(data: DataSection, tokenizer: Any, seq_len: int, seed: int,
     """Packed rows (Arrow, cached in `work`) and, for conversations, what fitting cost."""
     raw = load_raw(data)
     if data.format == "pretrain":
-        _require_column(raw, data.text_field, "data.text_field")
+        _require_column(raw, data, data.text_field, "data.text_field")
         records.check_text_column(raw, data.text_field, "data.text_field", _where(data))
         num_proc = tokenizing.auto_num_proc(raw, [data.text_field], data.num_proc)
         tokens = tokenizing.tokenize_documents_up_to(raw, tokenizer, data.text_field, num_proc,
@@ -170,11 +169,11 @@ def _sequences(data: DataSection, tokenizer: Any, seq_len: int, seed: int,
 def _conversation_reader(data: DataSection, raw: Any) -> tuple[list[str], Any]:
     """The columns a conversation is read from and how they become chat messages."""
     if data.format == "chat":
-        _require_column(raw, data.messages_field, "data.messages_field")
+        _require_column(raw, data, data.messages_field, "data.messages_field")
         return [data.messages_field], records.chat_messages
     fields = data.instruction_fields
-    _require_column(raw, fields.instruction, "data.instruction_fields.instruction")
-    _require_column(raw, fields.output, "data.instruction_fields.output")
+    _require_column(raw, data, fields.instruction, "data.instruction_fields.instruction")
+    _require_column(raw, data, fields.output, "data.instruction_fields.output")
     if fields.input in tokenizing.column_names(raw):
         return [fields.instruction, fields.input, fields.output], _alpaca
     return [fields.instruction, fields.output], lambda instruction, output: _alpaca(
@@ -280,7 +279,7 @@ def _stream(data: DataSection, tokenizer: Any, seq_len: int, seed: int) -> Built
     paths = expand_files(data.files) if data.files else []
     with reading_files(paths):
         if data.format == "pretrain":
-            _require_column(raw, data.text_field, "data.text_field")
+            _require_column(raw, data, data.text_field, "data.text_field")
             tokens = tokenizing.tokenize_documents(raw, tokenizer, data.text_field, None)
             rows = packing.stream_blocks(tokens, seq_len, data.max_tokens)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,6 +167,51 @@ def _parquet_problem(path: Path) -> str | None:
     except Exception as exc:  # pyarrow raises ArrowInvalid (a ValueError) and others
         return f"is not a Parquet file ({str(exc).splitlines()[0][:SHOWN_CHARS]})"
     return None
+
+
+# --------------------------------------------------------------------------- first record
+
+FIRST_LINES = 64  # lines of a jsonl file `pi-lora validate` checks before reading the first
+MAX_WHOLE_JSON_BYTES = 64 << 20  # a .json array is parsed whole only up to this size
+
+
+def first_record(path: Path) -> dict[str, Any] | None:
+    """The file's first record as `datasets` would read it, without reading the whole file
+    (`pi-lora validate`); None for a .json file too large to parse here. A first line that
+    is not a JSON object is the same message train gives."""
+    builder = BUILDERS[path.suffix]
+    if builder == "text":
+        return {"text": ""}  # one document per file, in column "text"
+    if path.suffix == ".json" and path.stat().st_size > MAX_WHOLE_JSON_BYTES:
+        return None  # may be one array: read whole by train, not here
+    try:
+        problem = _parquet_problem(path) if builder == "parquet" else _first_lines_problem(path)
+        record = None if problem else _read_first(path, builder)
+    except OSError as exc:
+        problem = f"cannot be read: {exc.strerror}"
+    if problem is not None:
+        raise PiLoraError(f"{path}: {problem}", field="data.files", fix=_FIXES[builder])
+    return record
+
+
+def _read_first(path: Path, builder: str) -> dict[str, Any] | None:
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=1), None)
+        return batch.to_pylist()[0] if batch is not None and batch.num_rows else None
+    first = next((t for _, t in _utf8_lines(path) if t.strip()), "")
+    if not first.lstrip().startswith("["):
+        return json.loads(first)
+    document = json.loads(path.read_bytes())
+    return document[0] if document else None
+
+
+def _first_lines_problem(path: Path) -> str | None:
+    try:
+        return _json_problem(path, itertools.islice(_utf8_lines(path), FIRST_LINES))
+    except _NotUtf8 as err:
+        return str(err)
 
 
 # --------------------------------------------------------------------------- columns

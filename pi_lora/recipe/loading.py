@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from pi_lora.core.errors import PiLoraError, RecipeErrors
 from pi_lora.core.safe_yaml import cut, parse_yaml, short_repr
 from pi_lora.recipe.checks import cross_checks, resolve_deepspeed_config
+from pi_lora.recipe.foreign_keys import foreign_key_fix
 from pi_lora.recipe.schema import (
     MAX_CONTEXT,
     SCALING_METHODS,
@@ -35,6 +36,7 @@ from pi_lora.recipe.schema import (
     TrainingSection,
     YarnOptions,
 )
+from pi_lora.recipe.shipped import find_shipped
 
 __all__ = [
     "MAX_CONTEXT",
@@ -94,7 +96,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise PiLoraError(f"recipe {path} is a directory", fix="give the recipe's YAML file")
     if not path.is_file():
-        raise PiLoraError(f"recipe file {path} not found", fix="check the path")
+        raise PiLoraError(f"recipe file {path} not found", fix="check the path; `pi-lora "
+                          "recipes` lists the shipped recipes, which train by name")
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise PiLoraError(f"{path} is {path.stat().st_size} bytes, not a recipe",
                           fix=f"a recipe is a few kB of YAML (at most {MAX_RECIPE_BYTES} bytes)")
@@ -125,14 +128,28 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         return data
     if not isinstance(parent, str):
         raise PiLoraError("must be a file path", field="extends", fix="extends: base.yaml")
+    return deep_merge(_read_with_extends(_parent_file(path, parent), (*chain, path)), data)
+
+
+def _parent_file(path: Path, parent: str) -> Path:
+    """`extends:` relative to the extending file; failing that, a shipped recipe by name
+    (`extends: pi-paper`), so a team's own recipes can build on pi-lora's bases."""
     parent_path = (path.parent / parent).resolve()
-    if not parent_path.is_file():
-        raise PiLoraError(
-            f"{parent_path} not found (relative to {path.parent})",
-            field="extends",
-            fix="give the parent recipe's path relative to this recipe file",
-        )
-    return deep_merge(_read_with_extends(parent_path, (*chain, path)), data)
+    if parent_path.is_file():
+        return parent_path
+    try:
+        shipped = find_shipped(parent)
+    except PiLoraError as err:
+        raise PiLoraError(err.message, field="extends", fix=err.fix) from None
+    if shipped is not None:
+        return shipped.path
+    raise PiLoraError(
+        f"{parent_path} not found (relative to {path.parent}), and no shipped recipe is "
+        f"named {parent!r}",
+        field="extends",
+        fix="give the parent recipe's path relative to this recipe file, or a shipped "
+            "base's name (`pi-lora recipes` lists them)",
+    )
 
 
 def deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -199,11 +216,7 @@ def _translate(exc: ValidationError) -> list[PiLoraError]:
         loc = tuple(item["loc"])
         field = ".".join(str(p) for p in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
-            known = _fields_at(loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
-            fix = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-            errors.append(PiLoraError(f"unknown key {short_repr(loc[-1])}", field=cut(field),
-                                      fix=fix))
+            errors.append(_unknown_key(loc, field))
         elif item["type"] == "missing":
             errors.append(PiLoraError("is required", field=field, fix=f"add `{loc[-1]}:`"))
         else:
@@ -213,6 +226,22 @@ def _translate(exc: ValidationError) -> list[PiLoraError]:
         errors.append(PiLoraError(f"... and {len(items) - MAX_REPORTED_ERRORS} more schema "
                                   "problem(s) like these", fix="fix the ones above first"))
     return errors
+
+
+def _unknown_key(loc: tuple[Any, ...], field: str) -> PiLoraError:
+    """Another tool's name for a field, or one in the wrong section, says where pi-lora
+    keeps it; a misspelling gets the closest key of its section."""
+    key = str(loc[-1])
+    here = str(loc[0]) if len(loc) > 1 else ""
+    foreign = foreign_key_fix(key, _SECTIONS, here)
+    if foreign is not None:
+        what, fix = foreign
+        return PiLoraError(f"unknown key {short_repr(loc[-1])} ({what})", field=cut(field),
+                           fix=fix)
+    known = _fields_at(loc[:-1])
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    fix = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+    return PiLoraError(f"unknown key {short_repr(loc[-1])}", field=cut(field), fix=fix)
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {

@@ -13,6 +13,7 @@ import torch
 
 from pi_lora.core.errors import PiLoraError
 from pi_lora.data.build import expand_files
+from pi_lora.data.layouts import check_first_record
 from pi_lora.model.known_models import config_for_planning
 from pi_lora.model.loading import apply_sliding_window, attention_window, wrap_lora
 from pi_lora.model.rope import plan_rope
@@ -82,7 +83,11 @@ def _describe_data(recipe: Recipe, unchecked: list[str]) -> str:
         unchecked.append(f"data files ({err.render()})")
         return "data: files not found here"
     size = sum(f.stat().st_size for f in files)
-    return f"data: {len(files)} file(s), {size / 1e6:.1f} MB, format {recipe.data.format}"
+    # the first record read as train reads it: chat records under format pretrain fail
+    # here, naming data.format, not minutes into a training start
+    columns = check_first_record(recipe.data, files[0])
+    shown = f", columns {', '.join(columns)}" if columns else ""
+    return f"data: {len(files)} file(s), {size / 1e6:.1f} MB, format {recipe.data.format}{shown}"
 
 
 def _stated_rope_only(rope: RopeSection, unchecked: list[str]) -> list[str]:
