@@ -262,3 +262,30 @@ def test_resume_refuses_changed_settings_and_applies_allowed_ones(tiny_models, w
         train(load_recipe(path, ["lora.r=8"]), resume=True)
     run = train(load_recipe(path, ["training.max_steps=3"]), resume=True)  # may change: applied
     assert RunDir(run).read_facts().steps == 3
+
+
+def test_merge_releases_an_intermediate_checkpoint(tiny_models, write_recipe, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`merge RUN --checkpoint N` folds the adapter and extras saved at step N (a budget
+    curve needs each), and names the steps there are when N is not one of them."""
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tiny_models(), training={"max_steps": 4, "save_steps": 2})
+    assert main(["train", str(recipe)]) == 0
+    run = tmp_path / "run"
+    releases = {}
+    for step in (2, 4, None):
+        out = tmp_path / f"rel-{step}"
+        extra = ["--checkpoint", str(step)] if step else []
+        assert main(["merge", str(run), "--output", str(out), *extra]) == 0
+        releases[step] = load_file(out / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(releases[4][name], releases[None][name])  # the last checkpoint = final
+    assert not torch.equal(releases[2][name], releases[None][name])
+    assert json.loads((tmp_path / "rel-2" / "pi_lora_provenance.json").read_text())[
+        "train"] is not None
+    capsys.readouterr()
+    assert main(["merge", str(run), "--output", str(tmp_path / "x"), "--checkpoint", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint" in err and "complete checkpoints: 2, 4" in err
+    assert not (tmp_path / "x").exists()

@@ -104,7 +104,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     report = merge_run(args.run_dir, args.output, dtype=args.dtype, probe_tokens=args.probe_tokens,
                        overwrite=args.overwrite, verify=args.verify, device=args.device,
                        max_shard_size=args.max_shard_size,
-                       allow_base_mismatch=args.allow_base_mismatch)
+                       allow_base_mismatch=args.allow_base_mismatch,
+                       checkpoint=args.checkpoint)
     lines = [
         f"pi-lora: release written to {report.release_dir} ({report.dtype}, {report.shards} "
         f"shard(s); {report.lora_folded} LoRA pairs and {report.extras_applied} trained extras "

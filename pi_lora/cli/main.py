@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verification length (default: original+128)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing release (only a directory pi-lora merge wrote)")
+    p.add_argument("--checkpoint", type=_bounded_int(1, 10**9, "a step"), metavar="STEP",
+                   help="release the adapter saved at this step (checkpoints/checkpoint-STEP) "
+                        "instead of the final one (default release/RUN_NAME-stepSTEP)")
     p.add_argument("--verify", choices=["auto", "full", "layers"], default="auto",
                    help="full: both whole models in RAM; layers: one decoder layer at a time; "
                         "auto (default): full while it needs at most half the RAM")

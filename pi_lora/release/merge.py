@@ -100,15 +100,17 @@ def merge_run(run_path: str | Path, output_dir: str | Path | None = None, *,
               dtype: DType | None = None, probe_tokens: int | None = None,
               overwrite: bool = False, verify: VerifyMode = "auto", device: str = "cpu",
               max_shard_size: str | int = DEFAULT_MAX_SHARD,
-              allow_base_mismatch: bool = False) -> MergeReport:
-    """Fold adapter + extras into the base shard by shard, verify, publish atomically.
+              allow_base_mismatch: bool = False, checkpoint: int | None = None) -> MergeReport:
+    """Fold adapter + extras into the base shard by shard, verify, publish atomically;
+    `checkpoint=N`: the adapter saved at step N.
 
     On CPU the caller should keep freed tensors from lingering in the heap (the CLI calls
     pi_lora.core.allocator.tune_cpu_allocator) so the peak stays one shard's."""
     started = time.time()
-    run = Run.open(run_path)
+    run = Run.open(run_path, checkpoint)
     recipe, facts = run.recipe, run.facts
-    out = Path(output_dir) if output_dir else Path("release") / run.path.resolve().name
+    name = run.path.resolve().name + (f"-step{checkpoint}" if checkpoint is not None else "")
+    out = Path(output_dir) if output_dir else Path("release") / name
     release_dtype: DType = dtype or recipe.model.dtype
     check_output(out, overwrite, run.path, recipe)  # before any work; again under the lock
     check_base_identity(run, allow_mismatch=allow_base_mismatch)

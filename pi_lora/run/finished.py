@@ -64,23 +64,57 @@ class Run:
     plan: RopePlan
     adapter: Adapter
     extras: dict[str, torch.Tensor]  # trained embeddings / norms under their base names
+    adapter_dir: Path  # adapter/ of the finished run, or checkpoints/checkpoint-N
 
     @property
     def path(self) -> Path:
         return self.directory.path
 
     @classmethod
-    def open(cls, path: str | Path) -> Run:
+    def open(cls, path: str | Path, checkpoint: int | None = None) -> Run:
         """Read the run; a run that did not finish well is one user error naming the fix:
-        still training, killed, failed, a missing or pickled adapter, non-finite weights."""
+        still training, killed, failed, a missing or pickled adapter, non-finite weights.
+        `checkpoint=N` reads the adapter and extras saved at step N instead (a budget curve,
+        or the good step of a run that later diverged): the run need not have finished."""
         directory = RunDir(path)
         recipe = directory.load_recipe()
         facts = directory.read_facts()
-        directory.check_finished(facts)
-        extras = _read_safetensors(directory.extras_path) if facts.extras else {}
-        adapter = read_adapter(directory.adapter_dir)
+        if checkpoint is None:
+            directory.check_finished(facts)
+            weights_dir, extras_path = directory.adapter_dir, directory.extras_path
+        else:
+            weights_dir = _complete_checkpoint(directory, checkpoint)
+            extras_path = weights_dir / directory.extras_path.name
+            facts = facts.model_copy(update={"status": "complete", "steps": checkpoint,
+                                             "final_loss": _loss_at(weights_dir, checkpoint)})
+        extras = _read_safetensors(extras_path) if facts.extras else {}
+        adapter = read_adapter(weights_dir)
         _check_finite(directory, extras, adapter)
-        return cls(directory, recipe, facts, facts.rope_plan, adapter, extras)
+        return cls(directory, recipe, facts, facts.rope_plan, adapter, extras, weights_dir)
+
+
+def _complete_checkpoint(directory: RunDir, step: int) -> Path:
+    """checkpoints/checkpoint-STEP, written to the end (its trainer_state.json is there)."""
+    found = {int(p.name.rsplit("-", 1)[1]): p for p in directory.checkpoints()}
+    if step not in found:
+        have = ", ".join(map(str, found)) or "none"
+        raise PiLoraError(f"{directory.path} has no complete checkpoint at step {step} "
+                          f"(complete checkpoints: {have})", field="--checkpoint",
+                          fix="pick one of those steps, or leave --checkpoint out for the "
+                              "run's final adapter")
+    return found[step]
+
+
+def _loss_at(checkpoint_dir: Path, step: int) -> float | None:
+    """The training loss logged at the checkpoint's step (trainer_state.json's history)."""
+    import json
+
+    try:
+        history = json.loads((checkpoint_dir / "trainer_state.json").read_text())["log_history"]
+    except (OSError, ValueError, KeyError):
+        return None
+    losses = [h["loss"] for h in history if "loss" in h and h.get("step", 0) <= step]
+    return float(losses[-1]) if losses else None
 
 
 def read_adapter(adapter_dir: Path) -> Adapter:

@@ -30,7 +30,7 @@ def load_trained(run: Run, dtype: DType | None = None, *, dequantize: bool = Fal
         base = load_model(recipe.model, plan, dtype=work_dtype)
         compute_4bit_as_trained(base)
     apply_extras(base, run.extras)
-    model = PeftModel.from_pretrained(base, str(run.directory.adapter_dir))
+    model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     model.eval()
     return model
 
