@@ -96,8 +96,8 @@ def run(out: Path, args: argparse.Namespace) -> str:
         table(report, train_seconds),
         "",
         f"Fine-tunes: {args.steps} steps of one 2048-token row with PoSE positions up to "
-        f"{TARGET} (2 pieces), LoRA r8/alpha16 on q,k,v,o + embeddings + norms (LoRA+), "
-        "lr 2e-4, fp32, the Shakespeare plays (less Hamlet and The Tempest); recipe "
+        f"{TARGET} (2 pieces), LoRA r8/alpha16 on q,k,v,o + norms, "
+        "lr 1e-3, fp32, the Shakespeare plays (less Hamlet and The Tempest); recipe "
         f"{RECIPE.name}. Perplexity: King James Bible, sliding windows of each length, "
         f"stride {args.stride}, {args.max_windows} window(s) from the start of the text. "
         f"Passkey: depths {args.depths}, {args.trials} trial(s) each, greedy. "
