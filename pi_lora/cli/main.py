@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pi_lora import __version__
+from pi_lora.cli.certify import add_certify_arguments, cmd_certify
 from pi_lora.cli.commands import (
     cmd_eval,
     cmd_export,
@@ -165,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave release model cards as they are (default: a release's results "
                         "replace the Evaluation section of its README.md)")
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("certify", parents=[common],
+                       help="RULER-style long-context suite + short-range retention against the "
+                            "base: certificate.json, a card section and a verdict (exit 0 pass, 1 fail)")
+    add_certify_arguments(p)
+    p.set_defaults(run=cmd_certify)
 
     p = sub.add_parser("plan", parents=[common],
                        help="memory, time and cost of a recipe before launch (offline)")

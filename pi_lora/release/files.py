@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pi_lora.run.directory import RunFacts
+from pi_lora.core.errors import PiLoraError
+from pi_lora.recipe.loading import Recipe, load_recipe
+from pi_lora.run.directory import RunFacts, RunProvenance
 from pi_lora.run.provenance import software
 
 RELEASE_RECIPE_FILE = "pi_lora_recipe.yaml"
@@ -24,6 +26,32 @@ PROVENANCE_FORMAT = 1
 def is_release(path: str | Path) -> bool:
     """The release marker: the recipe copy `pi-lora merge` writes into every release."""
     return (Path(path) / RELEASE_RECIPE_FILE).is_file()
+
+
+@dataclass(frozen=True)
+class Release:
+    """A release directory read once: the recipe it was trained from and what the run recorded
+    (the base's identity among it)."""
+
+    path: Path
+    recipe: Recipe
+    trained: RunProvenance
+
+
+def open_release(path: str | Path, field: str = "RELEASE") -> Release:
+    """The release at `path`; a user error naming the file when it is not one."""
+    path = Path(path).expanduser()
+    if not is_release(path):
+        why = "does not exist" if not path.exists() else f"has no {RELEASE_RECIPE_FILE}"
+        raise PiLoraError(f"{path} {why}: not a release", field=field,
+                          fix="give the directory `pi-lora merge RUN --output DIR` wrote")
+    recipe = load_recipe(path / RELEASE_RECIPE_FILE)
+    try:
+        recorded = json.loads((path / PROVENANCE_FILE).read_text()).get("train") or {}
+        trained = RunProvenance.model_validate(recorded)
+    except (OSError, ValueError, AttributeError):
+        trained = RunProvenance(error=f"{PROVENANCE_FILE} missing or unreadable")
+    return Release(path.resolve(), recipe, trained)
 
 
 def release_provenance(facts: RunFacts, dtype: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Written for the hub: `base_model` is a hub id (never a local path), the licence is the base's,
 and the serving notes say how vLLM and llama.cpp must be started for the extended window (and
 when a rope method does not survive a stack). `pi-lora eval` on the release adds its
-results (pi_lora.eval.card_results, between the EVAL_BEGIN / EVAL_END markers).
+results (pi_lora.eval.card_results, between the EVAL_BEGIN / EVAL_END markers), `pi-lora
+certify` its verdict (pi_lora.eval.certificate, between CERTIFY_BEGIN / CERTIFY_END).
 """
 
 from __future__ import annotations
@@ -156,17 +157,31 @@ Machine-readable (with per-file hashes): `{PROVENANCE_FILE}`.
 # `pi-lora eval` on a release writes its results between these markers; a later eval replaces them
 EVAL_BEGIN = "<!-- pi-lora eval: begin -->"
 EVAL_END = "<!-- pi-lora eval: end -->"
+# `pi-lora certify` writes its verdict between these; a later certify replaces them
+CERTIFY_BEGIN = "<!-- pi-lora certify: begin -->"
+CERTIFY_END = "<!-- pi-lora certify: end -->"
 
 
 def with_eval_section(card: str, section: str) -> str:
-    """The card with its evaluation section replaced (or added before Serving, else at the end).
+    """The card with its evaluation section replaced (or added before Serving, else at the end)."""
+    return with_marked_section(card, section, EVAL_BEGIN, EVAL_END)
+
+
+def with_certificate_section(card: str, section: str) -> str:
+    """The card with its Certificate section replaced (or added before Serving, else at the end)."""
+    return with_marked_section(card, section, CERTIFY_BEGIN, CERTIFY_END)
+
+
+def with_marked_section(card: str, section: str, begin: str, end: str) -> str:
+    """The card with the text between `begin` and `end` replaced by `section` (added before
+    Serving, else at the end, when the markers are not there yet).
 
     Only the text between the markers is ever touched, so whatever a user edited elsewhere in
-    the card survives another eval."""
-    block = f"{EVAL_BEGIN}\n{section.strip()}\n{EVAL_END}\n"
-    start, end = card.find(EVAL_BEGIN), card.find(EVAL_END)
-    if start != -1 and end > start:
-        return card[:start] + block + card[end + len(EVAL_END):].lstrip("\n")
+    the card survives another eval or certify."""
+    block = f"{begin}\n{section.strip()}\n{end}\n"
+    start, stop = card.find(begin), card.find(end)
+    if start != -1 and stop > start:
+        return card[:start] + block + card[stop + len(end):].lstrip("\n")
     serving = card.find("\n## Serving")
     if serving != -1:
         return card[:serving + 1] + block + "\n" + card[serving + 1:]
