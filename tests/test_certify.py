@@ -242,7 +242,8 @@ def test_answer_questions_equals_generate(tiny_models: Any) -> None:
 
 def test_default_lengths_and_plan() -> None:
     assert default_lengths(8192, 16384) == [2048, 4096, 8192, 16384]
-    assert default_lengths(4096, 32768) == [1024, 2048, 4096, 8192, 16384, 32768]
+    assert default_lengths(4096, 32768) == [2048, 4096, 8192, 16384, 32768]
+    assert default_lengths(1024, 4096) == [1024, 2048, 4096]  # the original window always
     plan = plan_lengths(CertifySettings(lengths=[2048, 16384]), 8192, 16384)
     assert plan.base_lengths == [2048, 8192]  # the original window is always the reference
     assert plan.short_lengths == [2048]

@@ -53,6 +53,7 @@ class Inputs:
     release_model: ModelSection
     base_model: ModelSection
     base_identity: ModelIdentity
+    config: Any  # the base's: its shapes size the progress bar's work
     rope: RopePlan
     plan: Plan
     tokenizer: Any  # the release's
@@ -145,7 +146,7 @@ def prepare(release_dir: str, base: str, settings: CertifySettings) -> Inputs:
     tokenizer = load_tokenizer(release_model)
     _check_tokenizers(tokenizer, base_tok)
     documents, ids = _ppl_documents(settings, tokenizer, rope.original_context)
-    return Inputs(release, release_model, base_model, identity, rope, plan, tokenizer,
+    return Inputs(release, release_model, base_model, identity, config, rope, plan, tokenizer,
                   documents, ids, device)
 
 
@@ -268,7 +269,7 @@ def measure(target: EvalTarget, lengths: list[int], prompts: dict[int, list[hay.
     """The suite at `lengths`, then perplexity at the original window."""
     loader, tokenizer = _Loader(target, inputs.device), inputs.tokenizer
     scores = ModelScores(target.label, dict(target.describe))
-    config = load_config(inputs.release_model)
+    config = inputs.config
     try:
         for length in lengths:
             model, _ = loader.fresh()
@@ -308,7 +309,7 @@ def _target(label: str, section: ModelSection, describe: dict[str, Any]) -> Eval
 def run_models(inputs: Inputs, settings: CertifySettings, prompts: dict[int, list[hay.Prompt]]
                ) -> tuple[ModelScores, ModelScores]:
     """(base, release) scores; one progress bar over both, its ETA in forward multiply-adds."""
-    plan, config = inputs.plan, load_config(inputs.release_model)
+    plan, config = inputs.plan, inputs.config
     windows = min(settings.ppl_windows, sum(len(t) // plan.original for t in inputs.document_ids))
     total = sum(work(config, p.tokens) for n in plan.base_lengths + plan.release_lengths
                 for p in prompts[n]) + 2 * windows * work(config, plan.original, scored=True)
