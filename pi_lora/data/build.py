@@ -101,10 +101,12 @@ def load_raw(data: DataSection) -> Any:
                           fix="download it first, or use data.files with local files") from None
 
 
-def _require_column(raw: Any, data: DataSection, column: str, field: str) -> None:
+def _require_columns(raw: Any, data: DataSection) -> None:
+    """The columns data.format reads (layouts' one list, which validate checks too)."""
     columns = tokenizing.column_names(raw)
-    if column not in columns:  # chat records under format pretrain: the setting named
-        raise layouts.missing_column(data, column, field, columns, layouts.first_record(raw))
+    for column, field in layouts.required_columns(data):
+        if column not in columns:  # chat records under format pretrain: the setting named
+            raise layouts.missing_column(data, column, field, columns, layouts.first_record(raw))
 
 
 # --------------------------------------------------------------------------- building + cache
@@ -143,8 +145,8 @@ def _sequences(data: DataSection, tokenizer: Any, seq_len: int, seed: int,
                work: Path) -> tuple[Any, ConversationCounts | None]:
     """Packed rows (Arrow, cached in `work`) and, for conversations, what fitting cost."""
     raw = load_raw(data)
+    _require_columns(raw, data)
     if data.format == "pretrain":
-        _require_column(raw, data, data.text_field, "data.text_field")
         records.check_text_column(raw, data.text_field, "data.text_field", _where(data))
         num_proc = tokenizing.auto_num_proc(raw, [data.text_field], data.num_proc)
         tokens = tokenizing.tokenize_documents_up_to(raw, tokenizer, data.text_field, num_proc,
@@ -169,11 +171,8 @@ def _sequences(data: DataSection, tokenizer: Any, seq_len: int, seed: int,
 def _conversation_reader(data: DataSection, raw: Any) -> tuple[list[str], Any]:
     """The columns a conversation is read from and how they become chat messages."""
     if data.format == "chat":
-        _require_column(raw, data, data.messages_field, "data.messages_field")
         return [data.messages_field], records.chat_messages
     fields = data.instruction_fields
-    _require_column(raw, data, fields.instruction, "data.instruction_fields.instruction")
-    _require_column(raw, data, fields.output, "data.instruction_fields.output")
     if fields.input in tokenizing.column_names(raw):
         return [fields.instruction, fields.input, fields.output], _alpaca
     return [fields.instruction, fields.output], lambda instruction, output: _alpaca(
@@ -278,8 +277,8 @@ def _stream(data: DataSection, tokenizer: Any, seq_len: int, seed: int) -> Built
     raw = load_raw(data)
     paths = expand_files(data.files) if data.files else []
     with reading_files(paths):
+        _require_columns(raw, data)
         if data.format == "pretrain":
-            _require_column(raw, data, data.text_field, "data.text_field")
             tokens = tokenizing.tokenize_documents(raw, tokenizer, data.text_field, None)
             rows = packing.stream_blocks(tokens, seq_len, data.max_tokens)
         else:
