@@ -171,9 +171,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     resolve_device(settings)  # an unknown or absent device fails here, before any loading
     targets = resolve_targets(args.targets, args.rope, resolve_dtype(settings),
                               args.trust_remote_code)
-    derived = {name: default_lengths(targets, passkey=name == "passkey_lengths")
-               for name in ("passkey_lengths", "ppl_lengths") if name not in given}
-    if derived and default_lengths(targets):  # lengths follow the targets' windows
+    derived = {name: lengths for name in ("passkey_lengths", "ppl_lengths") if name not in given
+               if (lengths := default_lengths(targets, passkey=name == "passkey_lengths"))}
+    if derived:  # lengths follow the targets' windows
         try:
             settings = EvalSettings(**given, **derived)
         except ValidationError as exc:
