@@ -34,7 +34,7 @@ from pi_lora.eval.certify import (
 )
 from pi_lora.eval.decoding import answer_questions, end_token_ids
 from pi_lora.eval.report import model_facts
-from pi_lora.eval.runner import EvalTarget, _Loader, resolve_device, resolve_dtype
+from pi_lora.eval.runner import EvalTarget, ModelLoader, resolve_device, resolve_dtype
 from pi_lora.eval.settings import EvalSettings
 from pi_lora.model.loading import load_config, load_model, load_tokenizer
 from pi_lora.model.rope import RopePlan, plan_rope
@@ -267,7 +267,7 @@ def measure(target: EvalTarget, lengths: list[int], prompts: dict[int, list[hay.
             inputs: Inputs, settings: CertifySettings, advance: Callable[[float, str], None]
             ) -> ModelScores:
     """The suite at `lengths`, then perplexity at the original window."""
-    loader, tokenizer = _Loader(target, inputs.device), inputs.tokenizer
+    loader, tokenizer = ModelLoader(target, inputs.device), inputs.tokenizer
     scores = ModelScores(target.label, dict(target.describe))
     config = inputs.config
     try:

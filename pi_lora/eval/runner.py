@@ -86,7 +86,7 @@ def has_stateful_rope(model: torch.nn.Module) -> bool:
     return any("dynamic" in str(getattr(m, "rope_type", "")) for m in model.modules())
 
 
-class _Loader:
+class ModelLoader:
     """Hands out the target's model, reloading only when the rotary state may be stale."""
 
     def __init__(self, target: EvalTarget, device: torch.device) -> None:
@@ -123,7 +123,7 @@ def _progress(settings: EvalSettings, total: int, desc: str) -> tqdm:
     )
 
 
-def _run_passkey(loader: _Loader, settings: EvalSettings) -> report.PasskeyOutcome:
+def _run_passkey(loader: ModelLoader, settings: EvalSettings) -> report.PasskeyOutcome:
     cells = len(settings.passkey_depths) * settings.passkey_trials
     total = sum(settings.passkey_lengths) * cells
     outcome = report.PasskeyOutcome(passkey.PasskeyResult())
@@ -160,7 +160,7 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, documents: list[texts.Document
 
 
 def _run_perplexity(
-    loader: _Loader, settings: EvalSettings, documents: list[texts.Document]
+    loader: ModelLoader, settings: EvalSettings, documents: list[texts.Document]
 ) -> report.PerplexityOutcome:
     model, tokenizer = loader.fresh()
     ids = _tokenize(tokenizer, documents)
@@ -194,7 +194,7 @@ def evaluate_target(
     target: EvalTarget, settings: EvalSettings, documents: list[texts.Document]
 ) -> report.TargetOutcome:
     """Passkey then perplexity for one target; failures of one length do not stop the rest."""
-    loader = _Loader(target, resolve_device(settings))
+    loader = ModelLoader(target, resolve_device(settings))
     outcome = report.TargetOutcome(target.label, dict(target.describe))
     try:
         if settings.passkey:
