@@ -119,7 +119,8 @@ def test_eval_of_a_release_with_no_options_scores_its_own_windows_on_shipped_tex
     out = tmp_path / "report"
     assert main(["eval", str(tmp_path / "rel"), "--trials", "1", "--depths", "0.5",
                  "--max-windows", "1", "--dtype", "fp32", "--out", str(out)]) == 0
-    assert "lengths passkey 256; ppl 128,256" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "lengths passkey 256; ppl 128,256" in printed and "plays pi-lora ships" in printed
     report = json.loads((out / "report.json").read_text())
     proto = report["protocol"]
     assert proto["passkey"]["lengths"] == [256]  # 128 cannot hold the passkey prompt

@@ -182,6 +182,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          for name, lengths in derived.items())
         print(f"pi-lora: lengths {said} (the targets' original, half-extended and extended "
               "windows; --passkey-lengths / --ppl-lengths choose others)", flush=True)
+    if settings.perplexity and not settings.documents and settings.dataset is None:
+        print("pi-lora: perplexity on the held-out Shakespeare plays pi-lora ships (public "
+              "domain); --docs scores your own text", flush=True)
     report = run_eval(targets, settings, out)
     print(render_markdown(report))
     print(f"pi-lora: report written to {out}/report.md (numbers and protocol: {out}/report.json)")
