@@ -139,9 +139,9 @@ def test_double_scaling_is_an_error() -> None:
     with pytest.raises(PiLoraError, match="twice") as info:
         _plan(scaled, "yarn", 2048, original_context=512)
     assert info.value.field == "rope.original_context"
-    with pytest.raises(PiLoraError) as info:
-        _plan(scaled, "linear", 2048)
-    assert info.value.field == "rope.method"
+    replaced = _plan(scaled, "linear", 2048)  # replaces yarn x4, measured from 128: x16
+    assert replaced.factor == 16.0 and replaced.rope_parameters["rope_type"] == "linear"
+    assert any("replaces the checkpoint's yarn x4" in n for n in replaced.notes)
     with pytest.raises(PiLoraError) as info:
         _plan(scaled, "yarn", 512)
     assert info.value.field == "rope.target_context"

@@ -14,12 +14,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pi_lora.core.errors import PiLoraError
+from pi_lora.model.families import (
+    layer_scaling_note,
+    nested_rope,
+    own_longrope,
+    refuse_composite,
+    scaled_layer_types,
+    trained_window,
+)
 from pi_lora.recipe.loading import LongropeOptions, RopeSection
 
 # rope types that rescale positions; "default" (plain RoPE, possibly NTK-raised theta) does not
 SCALED_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
-# nested rope_parameters (Gemma 3): local sliding-window layers never see long distances
-UNSCALED_LAYER_TYPES = ("sliding_attention",)
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,6 @@ def detect_existing(config: Any) -> ExistingScaling | None:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SCALED_TYPES:
         return None
-    factor = float(params.get("factor") or 1.0)
     max_pos = int(config.max_position_embeddings)
     original = params.get("original_max_position_embeddings")
     source = "rope_parameters.original_max_position_embeddings"
@@ -94,10 +99,14 @@ def detect_existing(config: Any) -> ExistingScaling | None:
         original = config.original_max_position_embeddings
         source = "config.original_max_position_embeddings"
     if original is None and rope_type == "linear":
-        # released PI checkpoints carry max_position_embeddings = extended window
-        original, source = round(max_pos / factor), "max_position_embeddings / factor (assumed)"
+        # released PI checkpoints carry max_position_embeddings = extended window (Gemma 3 4B+:
+        # x8 at 131072, 16384 positions per rotation; x16 keeps that at 262144)
+        original = round(max_pos / float(params.get("factor") or 1.0))
+        source = "max_position_embeddings / factor (assumed)"
     if original is None:
         original, source = max_pos, "max_position_embeddings"
+    # Phi-3/4 longrope states no factor: transformers reads it as max / original
+    factor = float(params.get("factor") or max_pos / int(original))
     return ExistingScaling(rope_type, factor, int(original), source)
 
 
@@ -110,6 +119,9 @@ def with_legacy_rope_scaling(config: dict[str, Any], plan: RopePlan) -> dict[str
         mirrored["rope_scaling"] = {**{k: v for k, v in params.items() if k != "rope_theta"},
                                     "type": params["rope_type"]}
     mirrored["rope_theta"] = params.get("rope_theta", plan.rope_theta)
+    local = (config.get("rope_parameters") or {}).get("sliding_attention")
+    if isinstance(local, dict):  # Gemma 3 in transformers 4: the local layers' own base
+        mirrored["rope_local_base_freq"] = local.get("rope_theta", 10000.0)
     return mirrored
 
 
@@ -130,7 +142,9 @@ def plan_rope(rope: RopeSection, config: Any) -> RopePlan:
     base = flat_rope_parameters(config)
     theta = float(base.get("rope_theta") or getattr(config, "rope_theta", 10000.0))
     dim = rotary_dim(config)
-    params, max_pos, notes = _method_parameters(rope, base, theta, dim, original, factor)
+    params, max_pos, notes = _method_parameters(rope, base, theta, dim, original, factor,
+                                                int(config.max_position_embeddings))
+    notes = [*notes, *_replacement_note(rope, existing, factor), layer_scaling_note(config)]
     return RopePlan(
         method=rope.method, original_context=original, original_source=source,
         target_context=rope.target_context, factor=factor, rope_theta=theta, rotary_dim=dim,
@@ -141,6 +155,7 @@ def plan_rope(rope: RopeSection, config: Any) -> RopePlan:
 def require_rope(config: Any) -> None:
     """A model without rotary embeddings (GPT-2, OPT, BLOOM: learned or ALiBi positions) has
     nothing to scale: refuse it instead of planning a scaling that nothing would apply."""
+    refuse_composite(config)
     if flat_rope_parameters(config) or getattr(config, "rope_theta", None):
         return
     kind = getattr(config, "model_type", None) or type(config).__name__
@@ -158,13 +173,16 @@ def _original_context(
         return rope.original_context, "recipe rope.original_context"
     if existing is not None:
         return existing.original_context, existing.source
-    return int(config.max_position_embeddings), "config.max_position_embeddings"
+    return trained_window(config) or (int(config.max_position_embeddings),
+                                      "config.max_position_embeddings")
 
 
 def _guard_double_scaling(
     rope: RopeSection, config: Any, existing: ExistingScaling | None, original: int
 ) -> None:
-    """An already-scaled model is extended from its true original window, by the same method."""
+    """An already-scaled model is extended from its true original window: the new scaling is
+    measured from there and replaces the old one, so nothing is ever scaled twice. LongRoPE
+    is the exception: its short and long factors are continued, never replaced."""
     if existing is None:
         return
     fix = f"omit rope.original_context (pretraining window is {existing.original_context})"
@@ -173,20 +191,32 @@ def _guard_double_scaling(
             f"the model is already scaled x{existing.factor:g} ({existing.rope_type}) from "
             f"{existing.original_context}; original_context {original} would scale it twice",
             field="rope.original_context", fix=fix)
-    if rope.method not in (existing.rope_type, "none"):
+    if existing.rope_type == "longrope" and rope.method not in ("longrope", "none"):
         raise PiLoraError(
-            f"the model already carries {existing.rope_type} scaling x{existing.factor:g}; "
-            f"{rope.method} on top of it cannot be expressed in its config",
-            field="rope.method", fix=f"use method: {existing.rope_type} (factor is recomputed "
-            f"from {existing.original_context}) or start from the unscaled base")
+            f"the model carries LongRoPE short and long factors (x{existing.factor:g} from "
+            f"{existing.original_context}); {rope.method} would replace them and drop its "
+            "short_factor, which it runs with inside the original window", field="rope.method",
+            fix="use method: longrope (its long factors are scaled to the target; or give "
+                "rope.longrope.factors from `pi-lora search`, which is seeded with them)")
     if rope.target_context <= config.max_position_embeddings and rope.method != "none":
         raise PiLoraError(
             f"the model already covers {config.max_position_embeddings} tokens",
             field="rope.target_context", fix="choose a longer target")
 
 
+def _replacement_note(rope: RopeSection, existing: ExistingScaling | None,
+                      factor: float) -> list[str]:
+    if existing is None or rope.method == "none":
+        return []
+    verb = "continues" if rope.method == existing.rope_type else "replaces"
+    return [f"{rope.method} x{factor:g} {verb} the checkpoint's {existing.rope_type} "
+            f"x{existing.factor:g}, both measured from the pretraining window "
+            f"{existing.original_context} ({existing.source}): nothing is scaled twice"]
+
+
 def _method_parameters(
-    rope: RopeSection, base: dict[str, Any], theta: float, dim: int, original: int, factor: float
+    rope: RopeSection, base: dict[str, Any], theta: float, dim: int, original: int, factor: float,
+    window: int,
 ) -> tuple[dict[str, Any], int, list[str]]:
     """Dispatch on rope.method: (rope_parameters, max_position_embeddings, notes)."""
     keep = {k: v for k, v in base.items() if k in ("rope_theta", "partial_rotary_factor")}
@@ -212,7 +242,7 @@ def _method_parameters(
             params["attention_factor"] = rope.yarn.attention_factor
         return params, target, [f"YaRN attention temperature {yarn_temperature(factor):.4f}"]
     if rope.method == "longrope":
-        return _longrope_parameters(rope, keep, dim, original, factor)
+        return _longrope_parameters(rope, keep, dim, original, factor, own_longrope(base), window)
     if rope.method == "llama3":
         return {**keep, "rope_type": "llama3", "factor": factor,
                 "original_max_position_embeddings": original,
@@ -222,11 +252,18 @@ def _method_parameters(
 
 
 def _longrope_parameters(rope: RopeSection, keep: dict[str, Any], dim: int, original: int,
-                         factor: float) -> tuple[dict[str, Any], int, list[str]]:
-    """transformers' `longrope`: the long factors beyond the original window, short within."""
+                         factor: float, own: dict[str, Any] | None,
+                         window: int) -> tuple[dict[str, Any], int, list[str]]:
+    """transformers' `longrope`: the long factors beyond the original window, short within.
+    A checkpoint with its own factors (Phi-4-mini) keeps its short_factor, and by default its
+    long factors times target / its window (PI on top of its LongRoPE)."""
     from pathlib import Path
 
-    from pi_lora.model.longrope_factors import check_factors, longrope_attention_factor, read_factors_file
+    from pi_lora.model.longrope_factors import (
+        check_factors,
+        longrope_attention_factor,
+        read_factors_file,
+    )
 
     options, pairs = rope.longrope, dim // 2
     if options.factors and options.long_factor is not None:
@@ -242,13 +279,16 @@ def _longrope_parameters(rope: RopeSection, keep: dict[str, Any], dim: int, orig
                                               "rope.longrope.long_factor", monotone=True),
                  "short_factor": None, "attention_factor": None}
         source = "given in the recipe"
+    elif own is not None:
+        scale = rope.target_context / window
+        found = {"long_factor": [f * scale for f in own["long_factor"]],
+                 "short_factor": None, "attention_factor": None}
+        source = f"the checkpoint's own x{scale:g} ({window} -> {rope.target_context})"
     else:
         raise PiLoraError("longrope needs its per-frequency factors", field="rope.longrope",
                           fix="run `pi-lora search RECIPE`, then set rope.longrope.factors "
                               "to the factors.json it writes")
-    short = (check_factors(options.short_factor, pairs, "rope.longrope.short_factor",
-                           monotone=False) if options.short_factor is not None
-             else found["short_factor"] or [1.0] * pairs)
+    short, short_source = _short_factor(options, pairs, own, found["short_factor"])
     attention = (options.attention_factor or found["attention_factor"]
                  or longrope_attention_factor(factor, original))
     params = {**keep, "rope_type": "longrope", "factor": factor,
@@ -256,10 +296,24 @@ def _longrope_parameters(rope: RopeSection, keep: dict[str, Any], dim: int, orig
               "long_factor": found["long_factor"], "short_factor": short,
               "attention_factor": attention}
     note = (f"LongRoPE factors {source}: long {min(found['long_factor']):g}.."
-            f"{max(found['long_factor']):g} over {pairs} pairs, short "
-            f"{'1.0 (the original window unchanged)' if set(short) == {1.0} else 'given'}, "
+            f"{max(found['long_factor']):g} over {pairs} pairs, short {short_source}, "
             f"attention factor {attention:.4f}")
     return params, rope.target_context, [note]
+
+
+def _short_factor(options: LongropeOptions, pairs: int, own: dict[str, Any] | None,
+                  searched: list[float] | None) -> tuple[list[float], str]:
+    """(short_factor, where it came from): the recipe's, else the checkpoint's own (never
+    dropped: the model runs with it inside its original window), else the search's or 1.0."""
+    from pi_lora.model.longrope_factors import check_factors
+
+    if options.short_factor is not None:
+        return check_factors(options.short_factor, pairs, "rope.longrope.short_factor",
+                             monotone=False), "given in the recipe"
+    if own is not None:
+        return own["short_factor"], "the checkpoint's own"
+    short = searched or [1.0] * pairs
+    return short, "1.0 (the original window unchanged)" if set(short) == {1.0} else "searched"
 
 
 def yarn_temperature(factor: float) -> float:
@@ -272,13 +326,12 @@ def yarn_temperature(factor: float) -> float:
 
 def apply_rope(config: Any, plan: RopePlan) -> Any:
     """Write the plan into a config in place (transformers 5 `rope_parameters`)."""
-    current = getattr(config, "rope_parameters", None) or {}
-    nested = [k for k, v in current.items() if isinstance(v, dict)]
-    if nested:
-        params = copy.deepcopy(current)
-        for key in nested:
-            if key not in UNSCALED_LAYER_TYPES:
-                params[key] = {**params[key], **copy.deepcopy(plan.rope_parameters)}
+    if nested_rope(config):
+        # only the global layers' rope; keys of the old scaling (a linear factor under a new
+        # yarn or NTK entry) must not linger, so the entry is replaced whole
+        params = copy.deepcopy(config.rope_parameters)
+        for key in scaled_layer_types(config):
+            params[key] = copy.deepcopy(plan.rope_parameters)
     else:
         params = copy.deepcopy(plan.rope_parameters)
     config.rope_parameters = params

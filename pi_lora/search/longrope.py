@@ -36,7 +36,7 @@ from pi_lora.model.longrope_factors import (
     write_factors_file,
     yarn_factors,
 )
-from pi_lora.model.rope import plan_rope
+from pi_lora.model.rope import detect_existing, plan_rope
 from pi_lora.recipe.loading import Recipe, RopeSection
 
 
@@ -192,7 +192,12 @@ def run_search(recipe: Recipe, documents: list[str], out_dir: Path, settings: Se
     from pi_lora.model.loading import load_config
 
     config = load_config(recipe.model)
-    plan = plan_rope(RopeSection(method="linear", target_context=recipe.rope.target_context,
+    # a checkpoint with its own LongRoPE factors (Phi-4-mini) is planned as longrope: its
+    # long factors scaled to the target seed the search, its short_factor is kept
+    existing = detect_existing(config)
+    own = existing is not None and existing.rope_type == "longrope"
+    plan = plan_rope(RopeSection(method="longrope" if own else "linear",
+                                 target_context=recipe.rope.target_context,
                                  original_context=recipe.rope.original_context), config)
     pairs, scale, original = plan.rotary_dim // 2, plan.factor, plan.original_context
     seeds = {
@@ -201,6 +206,9 @@ def run_search(recipe: Recipe, documents: list[str], out_dir: Path, settings: Se
                                   recipe.rope.yarn.beta_fast, recipe.rope.yarn.beta_slow), scale),
         "NTK-aware": snap(ntk_factors(pairs, scale), scale),
     }
+    if own:
+        seeds["checkpoint's own, scaled"] = snap(plan.rope_parameters["long_factor"], scale)
+    short = plan.rope_parameters.get("short_factor") or [1.0] * pairs
     model = load_model(recipe.model, None, dtype="fp32").eval()
     tokenizer = load_tokenizer(recipe.model)
     samples = held_out_samples(tokenizer, documents, plan.target_context, settings.samples)
@@ -219,17 +227,17 @@ def run_search(recipe: Recipe, documents: list[str], out_dir: Path, settings: Se
     result = SearchResult(original, plan.target_context, scale, best, fitness.attention,
                           best_fitness, baselines, history, len(fitness.cache),
                           time.time() - started)
-    _write(out_dir, result, seeds, settings, recipe)
+    _write(out_dir, result, seeds, settings, recipe, short)
     return result
 
 
 def _write(out: Path, result: SearchResult, seeds: dict[str, list[float]],
-           settings: SearchSettings, recipe: Recipe) -> None:
+           settings: SearchSettings, recipe: Recipe, short_factor: list[float]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_factors_file(out / "factors.json", {
         "model": recipe.model.name, "original_context": result.original_context,
         "target_context": result.target_context, "long_factor": result.long_factor,
-        "short_factor": [1.0] * len(result.long_factor),
+        "short_factor": short_factor,
         "attention_factor": result.attention_factor, "perplexity": result.fitness,
         "baselines": result.baselines, "evaluations": result.evaluations,
         "seconds": result.seconds, "settings": asdict(settings)})

@@ -14,6 +14,7 @@ import torch
 from pi_lora.core.errors import PiLoraError
 from pi_lora.data.build import expand_files
 from pi_lora.data.layouts import check_first_record
+from pi_lora.model.families import interleaves_local_layers
 from pi_lora.model.known_models import config_for_planning
 from pi_lora.model.loading import apply_sliding_window, attention_window, wrap_lora
 from pi_lora.model.rope import plan_rope
@@ -105,6 +106,9 @@ def _window_line(recipe: Recipe, config: Any) -> str:
     apply_sliding_window(config, recipe.model)
     after = attention_window(config)
     text = "whole context" if after is None else f"{after} tokens"
+    if after is not None and interleaves_local_layers(config):  # Gemma 3: local by design
+        return f"attention window per layer: {text} on the sliding layers, whole context on " \
+               "the full_attention layers (the local windows stay)"
     if after is not None and after < recipe.rope.target_context:
         text += f" (below the target {recipe.rope.target_context}: set model.sliding_window)"
     changed = " (model: " + ("whole context" if before is None else f"{before}") + ")" \
