@@ -6,6 +6,7 @@ Nothing here downloads; every family the core supports can be built in well unde
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,51 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma": {"head_dim": 16},
     "phi3": {"pad_token_id": 0},
     "gpt_neox": {"rotary_pct": 0.5},
+}
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """A current family's rope twist in miniature: windows of tens of tokens, not 128k."""
+
+    family: str  # transformers model_type
+    max_positions: int
+    rope_parameters: dict[str, Any]
+    overrides: dict[str, Any]
+    method: str  # how the shipped recipe extends it
+    target_context: int
+    original_context: int  # the true pretraining window a correct plan starts from
+
+
+CURRENT_FAMILIES: dict[str, TinyFamily] = {
+    # Llama 3.1: llama3 x4 from 64 (the real one: x8 from 8192); extend to 512 = x8 from 64
+    "llama3.1": TinyFamily("llama", 256, {"rope_type": "llama3", "factor": 4.0, "rope_theta":
+                                          500000.0, "low_freq_factor": 1.0, "high_freq_factor":
+                                          4.0, "original_max_position_embeddings": 64},
+                           {}, "llama3", 512, 64),
+    # Qwen3 as its card configures 128k: YaRN x4 from 32, max_position_embeddings left at 40
+    "qwen3": TinyFamily("qwen3", 40, {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                      "original_max_position_embeddings": 32},
+                        {"head_dim": 16}, "yarn", 256, 32),
+    # Gemma 3 4B+: local layers (window 16, base 10k) and global ones (base 1M, linear x8)
+    "gemma3": TinyFamily("gemma3_text", 128,
+                         {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                          "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                             "rope_theta": 1e6}},
+                         {"head_dim": 32, "sliding_window": 16, "num_hidden_layers": 3,
+                          "layer_types": ["sliding_attention", "full_attention",
+                                          "sliding_attention"]}, "linear", 256, 16),
+    # Phi-3.5/4-mini: partial rotary (12 of 16 dims: 6 pairs), LongRoPE short and long factors
+    "phi4": TinyFamily("phi3", 128, {"rope_type": "longrope", "rope_theta": 10000.0,
+                                     "partial_rotary_factor": 0.75,
+                                     "long_factor": [1.0, 1.3, 1.8, 2.6, 3.5, 4.4],
+                                     "short_factor": [1.0, 1.0, 1.02, 1.05, 1.1, 1.2],
+                                     "original_max_position_embeddings": 32},
+                       {"partial_rotary_factor": 0.75, "original_max_position_embeddings": 32,
+                        "pad_token_id": 0}, "longrope", 256, 32),
+    # Mistral-Nemo: head_dim 32 where hidden / heads is 16, rope_theta 1M, no sliding window
+    "mistral-nemo": TinyFamily("mistral", 128, {"rope_type": "default", "rope_theta": 1e6},
+                               {"head_dim": 32, "sliding_window": None}, "yarn", 256, 128),
 }
 
 
@@ -85,7 +131,7 @@ def tiny_config(family: str = "llama", *, vocab_size: int = 384, max_positions: 
         "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": max_positions, "bos_token_id": 1, "eos_token_id": 2,
-        "tie_word_embeddings": False, **FAMILY_CONFIGS[family],
+        "tie_word_embeddings": False, **FAMILY_CONFIGS.get(family, {}),
     }
     if family == "gpt_neox":
         kwargs.pop("num_key_value_heads")
@@ -96,13 +142,13 @@ def tiny_config(family: str = "llama", *, vocab_size: int = 384, max_positions: 
 
 def make_tiny_model(out_dir: Path, family: str = "llama", *, max_positions: int = 128,
                     rope_parameters: dict[str, Any] | None = None, seed: int = 0,
-                    tie_word_embeddings: bool = False) -> Path:
+                    tie_word_embeddings: bool = False, **overrides: Any) -> Path:
     """Save a random tiny causal LM + tokenizer as a normal Hugging Face directory."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = make_tokenizer()
     config = tiny_config(family, vocab_size=len(tokenizer), max_positions=max_positions,
-                         rope_parameters=rope_parameters)
+                         rope_parameters=rope_parameters, **overrides)
     config.tie_word_embeddings = tie_word_embeddings
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -110,6 +156,13 @@ def make_tiny_model(out_dir: Path, family: str = "llama", *, max_positions: int 
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+def make_tiny_family(out_dir: Path, name: str, *, seed: int = 0) -> Path:
+    """A random tiny model of one of CURRENT_FAMILIES, saved as a Hugging Face directory."""
+    spec = CURRENT_FAMILIES[name]
+    return make_tiny_model(out_dir, spec.family, max_positions=spec.max_positions,
+                           rope_parameters=spec.rope_parameters, seed=seed, **spec.overrides)
 
 
 def build_tiny(out: Path) -> tuple[Path, Path]:
