@@ -13,7 +13,8 @@ TORCH_CPU = 2.13.0
 .PHONY: help install torch test test-latest lock test-slow lint demo tiny tiny-run eval-smollm2 bench bench-merge evidence-longrope evidence-smollm2 clients gpu-check clean
 
 help:
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | \
+	 sed 's|$$(LATEST_VENV)|$(LATEST_VENV)|; s|$$(LOCK)|$(LOCK)|'
 
 torch:  ## torch: keep an installed one (CUDA users); else a CPU wheel on GPU-less machines
 	@$(PY) -c "import torch" 2>/dev/null && echo "torch already installed: keeping it" || \

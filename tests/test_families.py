@@ -184,3 +184,35 @@ def test_image_text_checkpoints_are_refused() -> None:
     with pytest.raises(PiLoraError, match="image-text") as info:
         plan_rope(RopeSection(method="linear", target_context=262144), composite)
     assert info.value.field == "model.name" and "gemma3_text" in info.value.message
+
+
+CURRENT = ("gemma3-1b-128k", "llama3.1-8b-256k", "mistral-nemo-12b-256k", "phi4-mini-256k",
+           "qwen3-8b-256k")
+ONE_CARD = ("gemma3-270m-64k-24gb", "llama3.2-1b-256k-24gb", "qwen3-0.6b-128k-24gb")
+
+
+@pytest.mark.parametrize("name", CURRENT + ONE_CARD)
+def test_current_family_recipes_fit_where_they_say(name: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Each family's recipe fits 8 x H100 (`h100` is the 80 GB card), or one 24 GB card."""
+    import json
+
+    from pi_lora.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    card = ["--gpu", "rtx4090", "--gpus", "1"] if name in ONE_CARD else ["--gpu", "h100", "--gpus", "8"]
+    assert main(["plan", str(root / "recipes" / f"{name}.yaml"), *card, "--json"]) == 0
+    out = capsys.readouterr().out
+    plan = json.loads(out[out.index("{"):])
+    assert plan["memory"]["verdict"] == "fits", (name, plan["memory"]["peak_bytes"])
+
+
+def test_gemma3_plan_keeps_the_local_window(capsys: pytest.CaptureFixture[str]) -> None:
+    """The local layers' 512-token window is Gemma 3's design, not a setting to fix."""
+    from pi_lora.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    assert main(["plan", str(root / "recipes/gemma3-270m-64k-24gb.yaml"), "--gpu", "rtx4090"]) == 0
+    out = capsys.readouterr().out
+    assert "512 tokens in 15 local layers, whole context in 3 global layers" in out
+    assert "set model.sliding_window" not in out

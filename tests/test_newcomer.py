@@ -258,3 +258,64 @@ def test_other_tools_keys_point_at_pi_lora_fields(tmp_path: Path) -> None:
     assert "axolotl's name" in fixes["base_model"][0]
     assert "LLaMA-Factory's name" in fixes["cutoff_len"][0]
     assert fixes["learning_rate"][0] == "unknown key 'learning_rate' (a training setting)"
+
+
+# --------------------------------------------------------------------------- polish (item 11)
+
+
+def test_every_flag_says_what_it_does_and_its_default() -> None:
+    import argparse
+
+    from pi_lora.cli.main import build_parser
+
+    missing = []
+    for action in build_parser()._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for command, sub in action.choices.items():
+            for flag in sub._actions:
+                name = flag.option_strings or [flag.dest]
+                if flag.help is None:
+                    missing.append(f"{command} {name[0]}: no help")
+                elif flag.default not in (None, False, [], argparse.SUPPRESS) \
+                        and "default" not in flag.help:
+                    missing.append(f"{command} {name[0]}: default {flag.default!r} not shown")
+    assert missing == []
+
+
+def test_a_list_field_given_one_value_shows_the_list_syntax(tmp_path: Path) -> None:
+    with pytest.raises(RecipeErrors) as caught:
+        load_recipe(SHIPPED_RECIPES_DIR / "tiny.yaml", ["data.files=/tmp/x.jsonl"])
+    fixes = [e.fix for e in caught.value.errors]
+    assert any('--set "data.files=[a, b]"' in (f or "") for f in fixes), fixes
+
+
+def test_report_targets_read_as_words_not_json() -> None:
+    from pi_lora.eval.report import _limit, _rope_words, _target_words
+
+    assert _rope_words({"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0}) \
+        == "linear x2, theta 100000"
+    assert _rope_words(None) == "plain RoPE"
+    gemma = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    assert _rope_words(gemma) == ("full_attention: linear x8, theta 1000000; "
+                                  "sliding_attention: plain RoPE, theta 10000")
+    words = _target_words({"kind": "release", "model": "release/x", "rope": "as in the model "
+                           "config", "window": {"original": 8192, "extended": 16384}})
+    assert words == "release `release/x`, rope as in the model config, window 8192 -> 16384"
+    assert "{" not in _target_words({"kind": "model", "model": "m",
+                                     "rope": {"method": "yarn", "factor": 2.0}})
+    assert _limit(None) == "no limit" and _limit(4096) == "4,096"
+
+
+def test_the_direct_control_is_not_called_none_x4() -> None:
+    from pi_lora.model.rope import RopePlan
+    from pi_lora.train.assembly import _rope_words
+
+    fields = {f: None for f in RopePlan.__dataclass_fields__}
+    direct = RopePlan(**{**fields, "method": "none", "factor": 4.0, "original_context": 256,
+                         "target_context": 1024})
+    assert "none x" not in _rope_words(direct) and "no interpolation" in _rope_words(direct)
+    linear = RopePlan(**{**fields, "method": "linear", "factor": 2.0, "original_context": 8192,
+                         "target_context": 16384})
+    assert _rope_words(linear) == "linear x2 (8192 -> 16384)"

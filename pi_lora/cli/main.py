@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", parents=[common],
                        help="list, show or copy the recipes pi-lora ships")
-    actions = p.add_subparsers(dest="action")
+    actions = p.add_subparsers(dest="action", metavar="{list,show,cp}",
+                               help="list (the default), show NAME or cp NAME DIR")
     actions.add_parser("list", help="every shipped recipe, one line each (the default)")
     action = actions.add_parser("show", help="print a shipped recipe")
     action.add_argument("name", help="e.g. llama2-13b-16k or base/pi-paper")
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", parents=[common],
                        help="fold the adapter into a verified release checkpoint")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", metavar="RUN_DIR",
+                   help="run directory pi-lora train wrote (its recipe.yaml names the base)")
     p.add_argument("--output", help="release directory (default: release/RUN_NAME)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: model.dtype")
     p.add_argument("--probe-tokens", type=_positive,
@@ -131,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", choices=["auto", "full", "layers"], default="auto",
                    help="full: both whole models in RAM; layers: one decoder layer at a time; "
                         "auto (default): full while it needs at most half the RAM")
-    p.add_argument("--device", default="cpu", help="where deltas and the check run, e.g. cuda")
+    p.add_argument("--device", default="cpu",
+                   help="where deltas and the check run, e.g. cuda (default: cpu)")
     p.add_argument("--max-shard-size", default="5GB", help="release shard size (default 5GB)")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="merge although the base's fingerprint differs from the one trained on "
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common],
                        help="a release -> GGUF through llama.cpp's converter, rope metadata checked")
-    p.add_argument("release_dir", metavar="RELEASE_DIR")
+    p.add_argument("release_dir", metavar="RELEASE_DIR", help="release directory pi-lora merge wrote")
     p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
     p.add_argument("--outtype", choices=["f16", "f32", "bf16", "q8_0"], default="f16",
                    help="tensor type (default f16)")
@@ -161,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"METHOD one of {', '.join(SCALING_METHODS)}; e.g. yarn:16k")
     p.add_argument("--out", help="report directory (default: reports/eval-TIMESTAMP)")
     _add_eval_flags(p)
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run model code a hub repository ships (off: only transformers' own code)")
     p.add_argument("--no-card", action="store_true",
                    help="leave release model cards as they are (default: a release's results "
                         "replace the Evaluation section of its README.md)")
@@ -177,9 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory, time and cost of a recipe before launch (offline)")
     _add_recipe_args(p)
     p.add_argument("--gpu", default="h100-80gb",
-                   help="device: h100-80gb, h200, a100-80gb, a100-40gb, l40s, rtx4090, ..., cpu")
-    p.add_argument("--gpus", type=_count, default=1, help="devices per node")
-    p.add_argument("--nodes", type=_count, default=1)
+                   help="device: h100-80gb, h200, a100-80gb, a100-40gb, l40s, rtx4090, ..., cpu "
+                        "(default: h100-80gb)")
+    p.add_argument("--gpus", type=_count, default=1, help="devices per node (default: 1)")
+    p.add_argument("--nodes", type=_count, default=1, help="machines (default: 1)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=lambda a: cmd_plan(a.recipe, a.overrides, a.gpu, a.gpus, a.nodes, a.json))
 
@@ -189,13 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", nargs="+", required=True, metavar="FILE",
                    help="held-out text (.txt/.md files or directories): the fitness")
     p.add_argument("--out", help="output directory (default: search/RUN_NAME)")
-    p.add_argument("--population", type=_count, default=64)
-    p.add_argument("--generations", type=_count, default=40)
-    p.add_argument("--mutations", type=_count, default=16, help="mutated children per generation")
-    p.add_argument("--crossovers", type=_count, default=16, help="crossed children per generation")
-    p.add_argument("--parents", type=_count, default=32)
-    p.add_argument("--samples", type=_count, default=4, help="held-out windows of the target length")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--population", type=_count, default=64,
+                   help="factor sets kept per generation (default: 64)")
+    p.add_argument("--generations", type=_count, default=40,
+                   help="rounds of mutation and crossover (default: 40)")
+    p.add_argument("--mutations", type=_count, default=16,
+                   help="mutated children per generation (default: 16)")
+    p.add_argument("--crossovers", type=_count, default=16,
+                   help="crossed children per generation (default: 16)")
+    p.add_argument("--parents", type=_count, default=32,
+                   help="best sets that breed the next generation (default: 32)")
+    p.add_argument("--samples", type=_count, default=4,
+                   help="held-out windows of the target length (default: 4)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed of the search (default: 0)")
     p.add_argument("--minutes", type=_finite_float, help="stop after the generation past this")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the factors.json an earlier search left in --out")

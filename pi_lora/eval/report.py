@@ -277,6 +277,40 @@ def _span(proto: dict[str, Any]) -> str:
     return "whole documents" if span is None else f"first max({span}, L) tokens of each document"
 
 
+def _limit(value: int | None) -> str:
+    return "no limit" if value is None else f"{value:,}"
+
+
+def _rope_words(params: dict[str, Any] | None) -> str:
+    """{"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5} -> "linear x2, theta 100000"."""
+    if not params:
+        return "plain RoPE"
+    if all(isinstance(v, dict) for v in params.values()):  # per layer type (Gemma 3)
+        return "; ".join(f"{layer}: {_rope_words(v)}" for layer, v in params.items())
+    kind = params.get("rope_type") or params.get("type") or "default"
+    words = "plain RoPE" if kind == "default" else kind
+    if params.get("factor") not in (None, 1, 1.0):
+        words += f" x{params['factor']:g}"
+    if params.get("rope_theta") is not None:
+        theta = float(params["rope_theta"])
+        words += f", theta {int(theta)}" if theta.is_integer() else f", theta {theta:g}"
+    return words
+
+
+def _target_words(describe: dict[str, Any]) -> str:
+    """The target's description as a sentence: what was loaded, its rope, its windows."""
+    words = f"{describe.get('kind', 'model')} `{describe.get('model')}`"
+    rope = describe.get("rope")
+    if isinstance(rope, dict):
+        words += f", zero-shot {rope.get('method')} x{rope.get('factor', 1):g}"
+    elif rope:
+        words += f", rope {rope}"
+    window = describe.get("window")
+    if isinstance(window, dict):
+        words += f", window {window.get('original')} -> {window.get('extended')}"
+    return words
+
+
 def _perplexity_section(report: dict[str, Any]) -> list[str]:
     proto = report["protocol"]["perplexity"]
     lengths = proto["lengths"]
@@ -285,7 +319,7 @@ def _perplexity_section(report: dict[str, Any]) -> list[str]:
         f"## Perplexity ({proto['mode']})", "", f"{proto['scoring']}.", "",
         (
             f"Documents: {docs}. Per length: max windows {proto['max_windows']}, "
-            f"max scored tokens {proto['max_tokens']}, text span {_span(proto)}."
+            f"max scored tokens {_limit(proto['max_tokens'])}, text span {_span(proto)}."
         ),
         "",
     ]
@@ -303,9 +337,9 @@ def _targets_section(report: dict[str, Any]) -> list[str]:
         facts = target["facts"]
         loads = ", ".join(f"{s:.1f}" for s in target["load_seconds"])
         lines.append(
-            f"- **{target['label']}**: {json.dumps(target['describe'], default=str)}; "
+            f"- **{target['label']}**: {_target_words(target['describe'])}; "
             f"dtype {facts.get('dtype')}, device {facts.get('device')}, "
-            f"rope {json.dumps(facts.get('rope_parameters'))}, "
+            f"rope as loaded: {_rope_words(facts.get('rope_parameters'))}, "
             f"max_position_embeddings {facts.get('max_position_embeddings')}, "
             f"tokenizer {facts.get('tokenizer')}; loads (s): {loads}"
         )

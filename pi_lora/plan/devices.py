@@ -68,9 +68,14 @@ def device_names() -> list[str]:
     return [*GPUS, "cpu"]
 
 
+# the names people type for a card the table lists under a longer one
+ALIASES = {"h100": "h100-80gb", "h100-sxm": "h100-80gb", "a100": "a100-80gb", "4090": "rtx4090",
+           "3090": "rtx3090", "h200-141gb": "h200"}
+
+
 def get_device(name: str) -> Device | None:
-    """A device by table name (case-insensitive), or None."""
+    """A device by table name or common alias (case-insensitive), or None."""
     key = name.lower()
     if key == "cpu":
         return cpu_device()
-    return GPUS.get(key)
+    return GPUS.get(ALIASES.get(key, key))

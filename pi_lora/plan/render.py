@@ -12,6 +12,7 @@ from pi_lora.plan.merging import merge_to_dict, render_merge
 if TYPE_CHECKING:
     from pi_lora.plan.memory import MemoryPlan
     from pi_lora.plan.planner import Plan
+    from pi_lora.plan.shape import ModelShape
 
 
 def _gib(value: float) -> str:
@@ -33,7 +34,7 @@ def render_table(plan: Plan) -> str:
         f"model: {shape.model_type}, {shape.total_params / 1e9:.2f}B parameters "
         f"({shape.trainable_params / 1e6:.1f}M trainable: LoRA {shape.lora_params / 1e6:.1f}M "
         f"+ extras {shape.extras_params / 1e6:.1f}M); config from {plan.config_source}; "
-        f"attention window {_window(shape.attention_window, s.seq_len)}",
+        f"attention window {_window(shape, s.seq_len)}",
         f"step: {_per_device(s)}, accumulation {s.grad_accum}, "
         f"global batch {s.global_batch}, "
         f"{s.tokens_per_step:,} tokens per optimizer step; "
@@ -134,8 +135,13 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _window(window: int | None, seq_len: int) -> str:
+def _window(shape: ModelShape, seq_len: int) -> str:
+    window = shape.attention_window
     if window is None:
         return "whole context"
+    if shape.global_layers:  # local layers keep their window by design; the global ones see all
+        local = shape.layers - shape.global_layers
+        return (f"{window:,} tokens in {local} local layers, whole context in "
+                f"{shape.global_layers} global layers")
     short = " (below the training length: set model.sliding_window)" if window < seq_len else ""
     return f"{window:,} tokens{short}"

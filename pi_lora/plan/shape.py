@@ -37,6 +37,7 @@ class ModelShape:
     lora_input_features: int  # sum of in_features of the LoRA-wrapped linears, per layer
     head_trainable: bool  # lm_head gets a gradient (lm_head extra, or tied + embeddings)
     attention_window: int | None = None  # tokens a layer attends back; None: whole context
+    global_layers: int = 0  # full-attention layers beside sliding ones (Gemma 3); 0: not mixed
 
     @property
     def kv_dim(self) -> int:
@@ -96,7 +97,16 @@ def model_shape(recipe: Recipe, config: Any) -> ModelShape:
         lora_input_features=_lora_input_features(model, config.num_hidden_layers),
         head_trainable=head is not None and head.weight.requires_grad,
         attention_window=attention_window(config),
+        global_layers=_global_layers(config),
     )
+
+
+def _global_layers(config: Any) -> int:
+    """Full-attention layers of a model that interleaves them with sliding ones, else 0."""
+    types = list(getattr(config, "layer_types", None) or ())
+    if "sliding_attention" not in types:
+        return 0
+    return types.count("full_attention")
 
 
 def _decoder_linear_params(model: Any) -> int:

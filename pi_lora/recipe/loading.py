@@ -219,6 +219,11 @@ def _translate(exc: ValidationError) -> list[PiLoraError]:
             errors.append(_unknown_key(loc, field))
         elif item["type"] == "missing":
             errors.append(PiLoraError("is required", field=field, fix=f"add `{loc[-1]}:`"))
+        elif item["type"] == "list_type":
+            errors.append(PiLoraError(
+                f"{item['msg']} (got {short_repr(item.get('input'))})", field=field,
+                fix=f"write a list: `{loc[-1]}: [a, b]` in YAML, or "
+                    f"--set \"{field}=[a, b]\" on the command line"))
         else:
             errors.append(PiLoraError(f"{item['msg']} (got {short_repr(item.get('input'))})",
                                       field=field))

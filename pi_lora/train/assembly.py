@@ -65,6 +65,14 @@ def check_training_device(recipe: Recipe) -> None:
                           fix="set it to false: on CPU the checkpoints already live in host memory")
 
 
+def _rope_words(plan: RopePlan) -> str:
+    """"linear x2 (8192 -> 16384)"; the direct control interpolates nothing, so it says so."""
+    if plan.method == "none":
+        return (f"plain RoPE, no interpolation (trained {plan.original_context} -> "
+                f"{plan.target_context})")
+    return f"{plan.method} x{plan.factor:g} ({plan.original_context} -> {plan.target_context})"
+
+
 def _groups(recipe: Recipe) -> int:
     """Data-parallel groups: processes, or groups of sequence_parallel processes."""
     return data_parallel_size(recipe.training, world_size())
@@ -233,8 +241,7 @@ def _announce(recipe: Recipe, plan: RopePlan, built: BuiltData, trainable: int, 
     if recipe.data.pose:
         lengths += (f" with PoSE positions up to {plan.target_context} "
                     f"({recipe.data.pose.chunks} pieces per row)")
-    print(f"pi-lora: {recipe.model.name} {plan.method} x{plan.factor:g} "
-          f"({plan.original_context} -> {plan.target_context}), "
+    print(f"pi-lora: {recipe.model.name} {_rope_words(plan)}, "
           f"{built.sequences if built.sequences is not None else 'a stream of'} sequences "
           f"of {lengths}, global batch {recipe.training.global_batch(_groups(recipe))} "
           f"({recipe.training.per_device_batch_size} x {_parallel(recipe)} x "

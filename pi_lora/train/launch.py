@@ -46,10 +46,11 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("launch (several processes or machines)")
     group.add_argument("--nproc", type=int, help="processes on this machine "
                        "(default: one per local GPU, 1 without GPUs)")
-    group.add_argument("--nnodes", type=int, default=1, help="machines taking part")
+    group.add_argument("--nnodes", type=int, default=1, help="machines taking part (default: 1)")
     group.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
-    group.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
-    group.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT)
+    group.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default: 127.0.0.1)")
+    group.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT,
+                       help=f"port node 0 listens on (default: {DEFAULT_MASTER_PORT})")
     group.add_argument("--hostfile", help="DeepSpeed hostfile ('host slots=N' lines): "
                        "launch on every host over ssh with the deepspeed launcher")
     # the deepspeed launcher appends --local_rank=N to the command it starts

@@ -38,7 +38,8 @@ def validate_recipe(recipe: Recipe) -> str:
     lines = ["# derived"]
     unchecked: list[str] = []
     config, source = config_for_planning(recipe)
-    lines.append(f"model config: {source}")
+    where = recipe.model.name if source == "model config" else ""
+    lines.append(f"model config: {where} ({source})" if where else f"model config: {source}")
     if config is None:
         unchecked.append("model config (architecture, pretraining window, existing scaling)")
         lines += _stated_rope_only(recipe.rope, unchecked)
