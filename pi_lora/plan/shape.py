@@ -103,10 +103,11 @@ def model_shape(recipe: Recipe, config: Any) -> ModelShape:
 
 def _global_layers(config: Any) -> int:
     """Full-attention layers of a model that interleaves them with sliding ones, else 0."""
-    types = list(getattr(config, "layer_types", None) or ())
-    if "sliding_attention" not in types:
+    from pi_lora.model.families import interleaves_local_layers
+
+    if not interleaves_local_layers(config):
         return 0
-    return types.count("full_attention")
+    return list(config.layer_types).count("full_attention")
 
 
 def _decoder_linear_params(model: Any) -> int:
