@@ -319,3 +319,35 @@ def test_the_direct_control_is_not_called_none_x4() -> None:
     linear = RopePlan(**{**fields, "method": "linear", "factor": 2.0, "original_context": 8192,
                          "target_context": 16384})
     assert _rope_words(linear) == "linear x2 (8192 -> 16384)"
+
+
+def test_ctrl_c_names_the_kept_checkpoint_and_resume_logs_the_last_step(
+        tiny_models: Any, write_recipe: Any, tmp_path: Path) -> None:
+    """Ctrl-C at step 4 of 6 (checkpoint at 3): the kept checkpoint, the lost step and the
+    exact command; the resumed run's final_loss is step 6's own loss, not a mean back to the
+    last logging step (logging every 4 steps would otherwise report the 5-6 mean)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    recipe = write_recipe(tiny_models(), training={"logging_steps": 4})
+    script = Path(__file__).with_name("interrupt_train.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INTERRUPT_AT_STEP": "4", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), "train", str(recipe)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "stopped at step 4 of 6; kept " in done.stderr, done.stderr[-2000:]
+    assert "checkpoint-3 (step 3): step 4 is redone on resume" in done.stderr
+    assert f"continue with: pi-lora train {recipe} --resume" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    from pi_lora.cli import main
+
+    assert main(["train", str(recipe), "--resume"]) == 0
+    run = tmp_path / "run"
+    losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in losses if "loss" in r]
+    assert logged[-2:] == [5, 6]  # the step before the last is logged, so 6's log is 6 alone
+    facts = json.loads((run / "run.json").read_text())
+    assert facts["final_loss"] == next(r["loss"] for r in losses if r.get("step") == 6)

@@ -31,6 +31,14 @@ def progress_callback(run: RunDir, tokens_per_step: float, is_main: bool) -> Any
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.last = (time.time(), state.global_step)
 
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+            # log the step before the last too, so the last log (run.json's final_loss) is the
+            # last step's loss alone, not a mean back to the previous logging step; every
+            # process decides alike (logging reduces the loss across them)
+            if state.global_step >= state.max_steps - 1 and state.max_steps > 1:
+                control.should_log = True
+            return control
+
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if not is_main or not logs or self.last is None:
                 return

@@ -176,8 +176,24 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool,
             raise
         if facts is not None and not run.recorded_failure():  # a divergence says it better
             record_failure(run, facts, trainer.state.global_step, describe_failure(exc))
+        if isinstance(exc, KeyboardInterrupt) and is_main:
+            _say_what_is_kept(run, trainer.state.global_step, trainer.state.max_steps)
         raise
     return run.path
+
+
+def _say_what_is_kept(run: RunDir, step: int, max_steps: int) -> None:
+    """After Ctrl-C: which checkpoint a resume starts from, and what it loses."""
+    last = run.latest_checkpoint()
+    if last is None:
+        print(f"pi-lora: stopped at step {step} of {max_steps} before the first checkpoint "
+              "(training.save_steps): a resume starts from step 0", file=sys.stderr, flush=True)
+        return
+    kept = _checkpoint_step(last)
+    lost = "" if step <= kept else (f": step {step} is redone on resume" if step == kept + 1
+                                    else f": steps {kept + 1}-{step} are redone on resume")
+    print(f"pi-lora: stopped at step {step} of {max_steps}; kept {last} (step {kept}){lost}",
+          file=sys.stderr, flush=True)
 
 
 def _recorded_facts(run: RunDir) -> RunFacts | None:
@@ -216,7 +232,7 @@ def _fit(trainer: Any, run: RunDir, checkpoint: Path | None, facts: RunFacts | N
             record_failure(run, facts, step, f"diverged: {reason}")
         last = run.latest_checkpoint()
         keep = (f"its last good checkpoint is {last.name}: lower it and `pi-lora train "
-                f"--resume`, or restart with --overwrite") if last else \
+                f"RECIPE --resume`, or restart with --overwrite") if last else \
             "then rerun (with no checkpoint to resume, the failed run is replaced)"
         raise PiLoraError(f"training diverged at step {step} ({reason}); no adapter was saved",
                           field="training.learning_rate",
