@@ -58,3 +58,27 @@ def test_filters_keep_real_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.warns(UserWarning, match="ours"):
             warnings.warn("ours", UserWarning, stacklevel=1)
     handler.filters[:] = before
+
+
+def test_peft_vocabulary_and_kernels_notices_are_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """peft's 'Could not find a config file' (every checkpoint of a GGUF-based run) and
+    kernels' offline trust notice are dropped; the same text from pi-lora itself is not."""
+    from pi_lora.core.quiet import quiet_third_party
+
+    monkeypatch.delenv("PI_LORA_VERBOSE", raising=False)
+    logger = logging.getLogger("kernels._internals.hf_hub")
+    before = list(logger.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        text = ("Could not find a config file in org/model - will assume that the vocabulary "
+                "was not modified.")
+        warnings.warn_explicit(text, UserWarning, "peft/utils/save_and_load.py", 1,
+                               module="peft.utils.save_and_load")
+        warnings.warn_explicit(text, UserWarning, "pi_lora/x.py", 1, module="pi_lora.x")
+        record = logger.makeRecord(logger.name, logging.WARNING, __file__, 1,
+                                   "Skipping publisher trust check for 'kernels-community/x' "
+                                   "because Hugging Face Hub is in offline mode.", (), None)
+        assert not all(f.filter(record) for f in logger.filters)
+    assert [w.filename for w in caught] == ["pi_lora/x.py"]
+    logger.filters[:] = before

@@ -28,7 +28,12 @@ _REAL_TRANSFORMERS = re.compile(r"not initialized|newly initialized|missing|unex
 _NOISE = {
     "bitsandbytes.backends.cpu.ops": re.compile(r"kernels"),
     "DeepSpeed": re.compile(r"Setting accelerator to CPU"),
+    # transformers 5.25+ pulls `kernels`, which says this once per hub kernel it looks up offline
+    "kernels._internals.hf_hub": re.compile(r"Skipping publisher trust check"),
 }
+# peft's check whether the vocabulary was resized, printed at every checkpoint when the base is
+# a GGUF file or offline: pi-lora never resizes it and saves trained embeddings itself
+_NOISY_WARNINGS = (r"Could not find a config file in .* will assume that the vocabulary",)
 
 
 def verbose_requested() -> bool:
@@ -45,6 +50,8 @@ def quiet_third_party(verbose: bool = False) -> None:
     for category in _DEVELOPER_CATEGORIES:
         warnings.filterwarnings("ignore", category=category, module=_THIRD_PARTY)
     warnings.filterwarnings("ignore", message=".*gguf.*", category=UserWarning)
+    for message in _NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=_THIRD_PARTY)
     for name, pattern in _NOISE.items():
         _add_filter(logging.getLogger(name), _DropMatching(pattern))
     _quiet_transformers()
