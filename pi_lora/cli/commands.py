@@ -54,9 +54,15 @@ def cmd_train(recipe_path: str, overrides: list[str], resume: bool, overwrite: b
                                               is_main=False, protect=protect)
             return maybe_relaunch(launch, train_child_args(recipe_path, overrides, resume,
                                                            overwrite)) or 0
+    from pi_lora.run.loss_curve import try_draw_loss_curve
     from pi_lora.train.assembly import train
 
-    run = train(recipe, resume=resume, overwrite=overwrite, protect=protect)
+    try:
+        run = train(recipe, resume=resume, overwrite=overwrite, protect=protect)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the curve so far, beside its checkpoints
+        if process_info().is_main:
+            try_draw_loss_curve(RunDir(recipe.output_dir))
+        raise
     if process_info().is_main:
         print(f"pi-lora: run saved in {run}\n  next: pi-lora merge {run}")
     _release_process_group()

@@ -26,6 +26,7 @@ from pi_lora.cli.commands import (
     cmd_train,
     cpu_allocator,
 )
+from pi_lora.cli.push import add_push_arguments, cmd_push
 from pi_lora.cli.recipes import cmd_recipes, cmd_validate_each, recipe_argument
 from pi_lora.core.errors import EXIT_USER_ERROR, PiLoraError
 from pi_lora.core.quiet import VERBOSE_ENV, quiet_third_party
@@ -176,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "base: certificate.json, a card section and a verdict (exit 0 pass, 1 fail)")
     add_certify_arguments(p)
     p.set_defaults(run=cmd_certify)
+
+    p = sub.add_parser("push", parents=[common],
+                       help="upload a release (model card, certificate) to the Hugging Face Hub")
+    add_push_arguments(p)
+    p.set_defaults(run=cmd_push)
 
     p = sub.add_parser("plan", parents=[common],
                        help="memory, time and cost of a recipe before launch (offline)")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pi_lora.core.errors import PiLoraError
-from pi_lora.model.loading import resolve_source
+from pi_lora.model.loading import hub_unreachable, resolve_source
 from pi_lora.recipe.loading import ModelSection
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -215,7 +215,8 @@ def model_names(stored: list[str], skeleton: Any) -> dict[str, str]:
 def _hub_snapshot(model: ModelSection) -> Path:
     from huggingface_hub import snapshot_download
 
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    # the hub out of reach: the cache alone, not five retries per file
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or hub_unreachable() is not None
     try:
         return Path(snapshot_download(
             model.name, revision=model.revision, local_files_only=offline,

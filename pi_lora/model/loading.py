@@ -6,8 +6,10 @@ a GPU-only option on a CPU machine fails before any weights are touched.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,13 @@ def _hub_error(model: ModelSection, exc: Exception) -> PiLoraError:
             fix="if you trust that code, set model.trust_remote_code: true in the recipe "
                 "(pi-lora eval: --trust-remote-code)")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    unreachable = None if offline or resolve_source(model).is_local else hub_unreachable()
+    if unreachable:
+        return PiLoraError(
+            f"cannot load {model.name!r}: the hub cannot be reached ({unreachable}) and it is "
+            "not in the local cache", field="model.name",
+            fix=f"connect this machine, or download it where the hub is reachable (`hf download "
+                f"{model.name} --local-dir DIR`), copy DIR here and point model.name at it")
     return PiLoraError(
         f"cannot load {model.name!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
         field="model.name",
@@ -78,8 +87,38 @@ def _hub_error(model: ModelSection, exc: Exception) -> PiLoraError:
     )
 
 
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached from here, None when it can (or when a proxy is set,
+    which only a real request can judge). One connection attempt of at most 3 s, once per
+    process: without it a machine off the network waits through huggingface_hub's five
+    retries (~25 s of "Retrying in 8s" lines) before our own error."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=3).close()
+    except OSError as exc:
+        return f"{url.hostname}: {exc.strerror or exc}"
+    return None
+
+
+def hub_cache_only(source: ModelSource) -> bool:
+    """Read a hub id from the local cache alone: offline mode, or the hub out of reach."""
+    if source.is_local:
+        return False
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or hub_unreachable() is not None
+
+
 def _common_kwargs(model: ModelSection, source: ModelSource) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    if hub_cache_only(source):
+        kwargs["local_files_only"] = True
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     if model.revision:

@@ -7,13 +7,15 @@ import importlib.util
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from pi_lora.core.errors import PiLoraError
 from pi_lora.recipe.loading import Recipe, resolve_deepspeed_config
-from pi_lora.run.directory import RunDir
+from pi_lora.run.directory import METRICS_FILE, RunDir
+from pi_lora.run.loss_curve import LOSS_PLOT_FILE, try_draw_loss_curve
 from pi_lora.train.distributed import adapt_deepspeed_config, load_deepspeed_config, world_size
 from pi_lora.train.recompute import checkpoint_kwargs
 from pi_lora.train.sequence_parallel import data_parallel_size, parallelism_config
@@ -30,6 +32,10 @@ def progress_callback(run: RunDir, tokens_per_step: float, is_main: bool) -> Any
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.last = (time.time(), state.global_step)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if is_main:  # a diverged run's curve too: it shows where it went wrong
+                try_draw_loss_curve(run)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
             # log the step before the last too, so the last log (run.json's final_loss) is the
@@ -77,7 +83,9 @@ def _fmt_seconds(seconds: float) -> str:
         else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _reporters(recipe: Recipe) -> list[str]:
+def reporters(recipe: Recipe) -> list[str]:
+    """The trackers training.report_to names: auto is TensorBoard when it is installed, else
+    none; a named tracker that is not installed is a user error (validate says it too)."""
     choice = recipe.training.report_to
     if choice == "auto":
         return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
@@ -89,17 +97,38 @@ def _reporters(recipe: Recipe) -> list[str]:
     return [choice]
 
 
+def tensorboard_folder(run_path: Path) -> Path:
+    """Where TensorBoard events go: TENSORBOARD_LOGGING_DIR when the user set it, else RUN/tensorboard."""
+    return Path(os.environ.get("TENSORBOARD_LOGGING_DIR") or run_path / "tensorboard")
+
+
+def tracking_words(recipe: Recipe, run_path: Path) -> str:
+    """Where this run's curves go, in words: `pi-lora train` says it once, validate too."""
+    chosen = reporters(recipe)
+    local = f"losses in {run_path / METRICS_FILE} and {run_path / LOSS_PLOT_FILE}"
+    if not chosen:
+        why = "report_to auto found none installed (pip install tensorboard)" \
+            if recipe.training.report_to == "auto" else "report_to: none"
+        return f"no tracker: {why}; {local}"
+    named = {"tensorboard": f"TensorBoard events in {tensorboard_folder(run_path)}",
+             "wandb": "Weights & Biases (its project and run name from WANDB_* variables)"}
+    auto = " (report_to auto: TensorBoard is installed)" if recipe.training.report_to == "auto" else ""
+    return "; ".join(named.get(r, r) for r in chosen) + f"{auto}; {local}"
+
+
 def tensorboard_callback(recipe: Recipe, run: RunDir, is_main: bool) -> Any | None:
-    """TensorBoard events in the run's own folder (TENSORBOARD_LOGGING_DIR, when the user set
-    it, wins), through a writer handed to transformers' callback: transformers 5 would read
-    the folder from the environment, and a library call must not write the environment."""
-    if not is_main or "tensorboard" not in _reporters(recipe):
+    """TensorBoard events in the run's own folder, through a writer handed to transformers'
+    callback: transformers 5 would read the folder from the environment, and a library call
+    must not write the environment. The main process also says once where the curves go."""
+    if not is_main:
+        return None
+    print(f"pi-lora: {tracking_words(recipe, run.path)}", flush=True)
+    if "tensorboard" not in reporters(recipe):
         return None
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    folder = os.environ.get("TENSORBOARD_LOGGING_DIR") or str(run.path / "tensorboard")
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=folder))
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tensorboard_folder(run.path))))
 
 
 def training_arguments(recipe: Recipe, run: RunDir,
@@ -130,7 +159,7 @@ def training_arguments(recipe: Recipe, run: RunDir,
         bf16=t.precision == "bf16", fp16=t.precision == "fp16", seed=t.seed, data_seed=t.seed,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         save_on_each_node=t.save_on_each_node,
-        logging_steps=t.logging_steps, report_to=[r for r in _reporters(recipe) if r != "tensorboard"],
+        logging_steps=t.logging_steps, report_to=[r for r in reporters(recipe) if r != "tensorboard"],
         deepspeed=deepspeed_config(recipe), disable_tqdm=True, remove_unused_columns=False,
         # use_cpu: the Trainer's bf16 check otherwise demands a GPU; bf16 autocast runs on CPU
         use_cpu=on_cpu, optim="adamw_torch",

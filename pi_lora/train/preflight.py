@@ -7,6 +7,7 @@ to pi-lora's table of known models, and otherwise says what it could not check.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from pi_lora.model.loading import apply_sliding_window, attention_window, wrap_l
 from pi_lora.model.rope import plan_rope
 from pi_lora.model.serving import serving_warnings
 from pi_lora.recipe.loading import Recipe, RopeSection, resolve_deepspeed_config
+from pi_lora.train.arguments import tracking_words
 from pi_lora.train.sequence_parallel import sequence_parallel_problems
 
 
@@ -70,6 +72,7 @@ def validate_recipe(recipe: Recipe) -> str:
     lines.append(_describe_data(recipe, unchecked))
     if recipe.training.deepspeed:
         lines.append(f"deepspeed config: {resolve_deepspeed_config(recipe.training.deepspeed)}")
+    lines.append(f"tracking: {tracking_words(recipe, Path(recipe.output_dir))}")
     if unchecked:
         lines.append("could not check: " + "; ".join(unchecked))
     return "\n".join(lines)
