@@ -75,9 +75,13 @@ def test_streamed_release_is_bit_identical(tied_run: RunDir, dtype: str, tmp_pat
     assert config["rope_scaling"]["factor"] == 2.0 and config["max_position_embeddings"] == 256
 
 
-def test_layer_check_agrees_with_whole_model_check(tied_run: RunDir, tmp_path: Path) -> None:
+def test_layer_check_agrees_with_whole_model_check(tied_run: RunDir, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     full = merge_run(tied_run.path, tmp_path / "a", verify="full")
+    capsys.readouterr()
     layers = verify_release(tied_run.path, tmp_path / "a", verify="layers")
+    shown = capsys.readouterr().err  # minutes on a real model: never silent
+    assert "verifying layer by layer" in shown and "2/2" in shown
     assert layers.max_abs_diff == pytest.approx(full.max_abs_diff, abs=1e-6)
     assert layers.top1_agreement == full.top1_agreement == 1.0
     assert len(layers.layer_max_abs_diff) == 2 and max(layers.layer_max_abs_diff) < 1e-5

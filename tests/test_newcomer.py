@@ -351,3 +351,42 @@ def test_ctrl_c_names_the_kept_checkpoint_and_resume_logs_the_last_step(
     assert logged[-2:] == [5, 6]  # the step before the last is logged, so 6's log is 6 alone
     facts = json.loads((run / "run.json").read_text())
     assert facts["final_loss"] == next(r["loss"] for r in losses if r.get("step") == 6)
+
+
+def test_the_parser_imports_no_torch() -> None:
+    """`pi-lora --help` (and the start of every command) took 26 s when building the parser
+    imported torch and transformers through eval's and certify's modules."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pi_lora.cli.main import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_validate_and_plan_say_what_they_are_doing(tiny_models: Any, write_recipe: Any,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from pi_lora.cli import main
+
+    recipe = str(write_recipe(tiny_models()))
+    for command in ("validate", "plan"):
+        assert main([command, recipe]) == 0
+        assert f"pi-lora {command}: reading the model config" in capsys.readouterr().err
+
+
+def test_a_long_test_is_named_while_it_runs(tmp_path: Path) -> None:
+    """`make test` sat on a row of dots for 27 minutes; a test past the notice is named."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_long.py").write_text("import time\n\ndef test_long():\n    time.sleep(3)\n")
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.slow_notice", "-p", "no:cacheprovider",
+         str(tmp_path / "test_long.py")], cwd=repo, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PI_LORA_SLOW_NOTICE": "1", "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[still running after 1 s: " in done.stdout and "test_long.py::test_long]" in done.stdout

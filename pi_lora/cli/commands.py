@@ -27,8 +27,15 @@ def cmd_validate(recipe_path: str, overrides: list[str]) -> int:
 
     recipe = load_recipe(recipe_path, overrides)
     print(recipe.to_yaml())
+    _working("validate: reading the model config, building the model on the meta device")
     print(validate_recipe(recipe))
     return 0
+
+
+def _working(what: str) -> None:
+    """One line before the 10-70 s a command spends importing transformers and counting a
+    model's parameters, so it is never silent (stderr: stdout stays the command's output)."""
+    print(f"pi-lora {what} ...", file=sys.stderr, flush=True)
 
 
 def cmd_train(recipe_path: str, overrides: list[str], resume: bool, overwrite: bool,
@@ -270,6 +277,7 @@ def cmd_plan(recipe_path: str, overrides: list[str], gpu: str, gpus: int, nodes:
     if device is None:
         raise PiLoraError(f"unknown device {gpu!r}", field="--gpu",
                           fix=f"one of {', '.join(device_names())}")
+    _working("plan: reading the model config, building the model on the meta device")
     with contextlib.redirect_stdout(sys.stderr):  # library banners must not corrupt --json
         plan = plan_recipe(load_recipe(recipe_path, overrides), device, gpus=gpus, nodes=nodes)
     print(json.dumps(plan_to_dict(plan), indent=1) if as_json else render_table(plan))

@@ -17,7 +17,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pi_lora.eval.passkey import k_max
 from pi_lora.eval.ruler_tasks import TASK_NAMES
 from pi_lora.recipe.loading import MAX_CONTEXT
 
@@ -140,6 +139,8 @@ def suite_threshold(base_mean_at_original: float | None, settings: CertifySettin
 def effective_length(means: Mapping[int, float | None], threshold: float) -> int:
     """Largest tested length such that the suite mean reaches the threshold at it and at every
     shorter tested length (a length without a score fails); 0 when the shortest fails."""
+    from pi_lora.eval.passkey import k_max  # torch: not at `pi-lora --help` time
+
     return k_max({n: (-1.0 if m is None else m) for n, m in means.items()}, threshold)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +23,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from pi_lora.core.errors import PiLoraError
-
-PplMode = Literal["sliding", "whole-window"]
+from pi_lora.eval.settings import PplMode
 
 
 @dataclass(frozen=True)

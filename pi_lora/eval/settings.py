@@ -12,9 +12,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pi_lora.eval.perplexity import PplMode
 from pi_lora.recipe.loading import MAX_CONTEXT, DatasetSource
 
+PplMode = Literal["sliding", "whole-window"]  # pi_lora.eval.perplexity's two scorings
 # finite and bounded, as a recipe's numbers are: a typo must not start a week-long sweep
 Length = Annotated[int, Field(ge=1, le=MAX_CONTEXT)]
 Count = Annotated[int, Field(ge=1, le=1_000_000)]

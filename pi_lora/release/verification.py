@@ -11,11 +11,13 @@ embedding from the release's own config.json, so a release that lost its rope sc
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from pi_lora.core.errors import PiLoraError
 from pi_lora.model.base_weights import SafetensorsWeights, empty_model
@@ -58,11 +60,12 @@ class _Twin(torch.nn.Module):
     def __init__(self, prefix: str, reference: torch.nn.Module, release: torch.nn.Module,
                  readers: tuple[Reader, Reader], device: torch.device,
                  lora: Adapter | None = None, rotary: torch.nn.Module | None = None,
-                 record: list[float] | None = None) -> None:
+                 record: list[float] | None = None, done: Callable[[], Any] | None = None) -> None:
         super().__init__()
         self.prefix, self.device = prefix, device
         self._modules_pair = (reference, release)  # plain attribute: not registered children
         self.readers, self.lora, self.rotary, self.record = readers, lora, rotary, record
+        self.done = done
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         outputs = []
@@ -85,6 +88,8 @@ class _Twin(torch.nn.Module):
         first, second = (_main(o) for o in outputs)
         if self.record is not None:
             self.record.append(_max_diff(first, second))
+        if self.done is not None:
+            self.done()
         merged = torch.cat([first, second])
         return (merged, *outputs[0][1:]) if isinstance(outputs[0], tuple) else merged
 
@@ -170,9 +175,12 @@ def verify_layers(reference_config: Any, release_dir: Any, base: BaseTensors, ad
     _, rel_layers = _layer_list(rel_decoder)
     record: list[float] = []
     rotary = getattr(rel_decoder, "rotary_emb", None)
+    # minutes on a real model (each layer read twice from disk and run on the probe): say so
+    bar = tqdm(total=len(ref_layers), desc="pi-lora: verifying layer by layer", unit="layer",
+               file=sys.stderr, dynamic_ncols=True)
     for i in range(len(ref_layers)):
         ref_layers[i] = _Twin(f"{prefix}{layers_name}.{i}.", ref_layers[i], rel_layers[i],
-                              readers, device, adapter, rotary, record)
+                              readers, device, adapter, rotary, record, done=bar.update)
     for name, child in list(ref_decoder.named_children()):
         if name == layers_name or not any(True for _ in child.parameters()):
             continue
@@ -185,6 +193,7 @@ def verify_layers(reference_config: Any, release_dir: Any, base: BaseTensors, ad
         hidden = ref_decoder(input_ids=probe.repeat(2, 1).to(device), use_cache=False)
         hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
         comparison = _compare_heads(heads, ref_model.config, hidden, readers)
+    bar.close()
     comparison.layer_max_abs_diff = record
     return comparison
 
