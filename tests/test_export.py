@@ -35,6 +35,13 @@ import gguf
 
 release, out = Path(sys.argv[1]), sys.argv[sys.argv.index("--outfile") + 1]
 mode = os.environ.get("FAKE_CONVERTER", "good")
+if mode == "pretok":  # what llama.cpp's converter prints for a BPE tokenizer it does not know
+    print("WARNING:hf-to-gguf:** WARNING: The BPE pre-tokenizer was not recognized!")
+    print("WARNING:hf-to-gguf:** chkhsh:  " + "ab" * 32)
+    raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")
+if mode == "arch":
+    print("ERROR:hf-to-gguf:Model FooForCausalLM is not supported")
+    sys.exit(1)
 config = json.loads((release / "config.json").read_text())
 rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
 writer = gguf.GGUFWriter(out, "llama")
@@ -252,3 +259,34 @@ def _tiny_weights(out: Path, hidden: int) -> None:
     config = AutoConfig.from_pretrained(str(out))
     AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
     assert config.hidden_size == hidden
+
+
+@pytest.mark.parametrize(("mode", "cause", "not_said"), [
+    ("pretok", "does not recognise this release's tokenizer", "no converter for the architecture"),
+    ("arch", "no converter for the architecture FooForCausalLM", "tokenizer"),
+])
+def test_a_converter_failure_names_its_real_cause(release: Path, converter: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture, mode: str,
+                                                  cause: str, not_said: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's tokenizer failed as 'an architecture llama.cpp does not support'."""
+    monkeypatch.setenv("FAKE_CONVERTER", mode)
+    assert _export(release, tmp_path / "m.gguf", converter) == 2
+    error = capsys.readouterr().err.split("pi-lora: error:", 1)[1]
+    assert cause in error and not_said not in error
+    if mode == "pretok":
+        assert "ab" * 32 in error and "convert_hf_to_gguf_update.py" in error
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_everything_export_lacks_is_listed_before_converting(
+        release: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No converter and a missing package: one message with both and how to get each."""
+    monkeypatch.delenv(export.CONVERTER_ENV, raising=False)
+    monkeypatch.setattr(export, "CONVERTER_MODULE", "no_such_converter_module")
+    monkeypatch.setattr(export, "CONVERTER_MODULES", {"no_such_module_xyz": "no-such-package"})
+    assert main(["export", str(release), "--gguf", str(tmp_path / "m.gguf")]) == 2
+    error = capsys.readouterr().err
+    assert "export needs llama.cpp's convert_hf_to_gguf.py" in error
+    assert "no-such-package" in error and "make converter" in error

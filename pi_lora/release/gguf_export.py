@@ -36,9 +36,10 @@ CONVERTER_ENV = "LLAMA_CPP_DIR"
 # what the converter imports (module -> pip name); gguf only when no gguf-py/ sits beside it
 CONVERTER_MODULES = {"torch": "torch", "numpy": "numpy", "transformers": "transformers",
                      "sentencepiece": "sentencepiece", "yaml": "pyyaml"}
-GET_CONVERTER = ("pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36, unpack it "
-                 "and pass --converter .../vendor/llama.cpp (or a llama.cpp checkout; or set "
-                 f"{CONVERTER_ENV})")
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist vendors llama.cpp; the one tested
+GET_CONVERTER = ("`make converter` in a pi-lora checkout (or: pip download --no-deps --no-binary "
+                 f":all: {LLAMA_CPP_PYTHON} -d DIR, unpack it), then pass --converter "
+                 f".../vendor/llama.cpp or set {CONVERTER_ENV} to it")
 FLOAT_TOLERANCE = 1e-6  # GGUF stores rope floats as float32
 
 
@@ -210,23 +211,69 @@ def missing_modules(python: str, converter: Path) -> list[str]:
     return [needed[m] for m in done.stdout.split()]
 
 
+def preflight(converter: str | Path | None, python: str) -> Path:
+    """Everything export needs, checked before converting and reported in one message: the
+    converter script, and the packages it imports in the interpreter that runs it."""
+    try:
+        script: Path | None = find_converter(converter)
+    except PiLoraError as err:
+        script, missing_script = None, err
+    missing = missing_modules(python, script or Path("/nonexistent") / CONVERTER_FILE)
+    if script is not None and not missing:
+        return script
+    needs = []
+    if script is None:
+        needs.append(f"llama.cpp's {CONVERTER_FILE} ({missing_script.message})")
+    if missing:
+        needs.append(f"{', '.join(missing)} in {python}")
+    fixes = [GET_CONVERTER] if script is None else []
+    if missing:
+        requirements = (script.parent / "requirements" / "requirements-convert_hf_to_gguf.txt"
+                        if script else None)
+        pinned = (f" (llama.cpp's own pins: -r {requirements})"
+                  if requirements and requirements.is_file() else "")
+        fixes.append(f"{python} -m pip install {' '.join(missing)}{pinned}, or pass --python "
+                     "with an interpreter that has them")
+    raise PiLoraError(f"export needs {'; and '.join(needs)}",
+                      field="--converter" if script is None else "--python",
+                      fix="; then ".join(fixes))
+
+
 def run_converter(converter: Path, release: Path, out: Path, outtype: str, python: str) -> None:
     """The converter as llama.cpp ships it; its log is shown only when it fails."""
-    missing = missing_modules(python, converter)
-    if missing:
-        requirements = converter.parent / "requirements" / "requirements-convert_hf_to_gguf.txt"
-        pinned = f" (llama.cpp's own pins: -r {requirements})" if requirements.is_file() else ""
-        raise PiLoraError(f"llama.cpp's converter needs {', '.join(missing)}, which {python} lacks",
-                          field="--python", fix=f"{python} -m pip install {' '.join(missing)}"
-                          f"{pinned}, or pass --python with an interpreter that has them")
     command = [python, str(converter), str(release), "--outfile", str(out), "--outtype", outtype]
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
         sys.stderr.write(done.stdout)
-        raise PiLoraError(f"llama.cpp's converter failed (exit {done.returncode}): "
-                          f"{_last_error(done.stdout)}", field=str(converter),
-                          fix="read the converter's message above; an architecture llama.cpp "
-                              "does not support cannot be exported")
+        cause, fix = diagnose(done.stdout)
+        raise PiLoraError(f"llama.cpp's converter failed (exit {done.returncode}): {cause}",
+                          field=str(converter), fix=fix)
+
+
+def diagnose(log: str) -> tuple[str, str]:
+    """(cause, fix) from the converter's log: the tokenizer, the architecture and a missing
+    module each fail differently, and each has its own remedy."""
+    if "BPE pre-tokenizer was not recognized" in log:
+        digest = re.search(r"chkhsh:\s*([0-9a-f]{64})", log)
+        return (
+            "it does not recognise this release's tokenizer (llama.cpp identifies a BPE "
+            "pre-tokenizer by the hash of its output on a test text"
+            + (f"; this one hashes to {digest.group(1)}" if digest else "")
+            + "): the architecture is not the problem",
+            "release with a tokenizer llama.cpp knows (the base model's own, as published), or "
+            "add the tokenizer to llama.cpp's convert_hf_to_gguf_update.py and regenerate "
+            "get_vocab_base_pre() (llama.cpp PR 6920)")
+    arch = re.search(r"Model (\S+) is not supported", log)
+    if arch:
+        return (f"llama.cpp has no converter for the architecture {arch.group(1)}",
+                "serve the release with transformers or vLLM, or use a llama.cpp version "
+                "that supports it")
+    module = re.search(r"No module named '([^']+)'", log)
+    if module:
+        return (f"the converter's Python lacks the module {module.group(1)}",
+                f"pip install it into that interpreter (--python), e.g. pip install "
+                f"{module.group(1).split('.')[0]}")
+    return _last_error(log), "read the converter's log above"
 
 
 def _last_error(log: str) -> str:
@@ -274,7 +321,7 @@ def export_release(release_dir: str | Path, gguf_path: str | Path, *, outtype: O
     release, out = Path(release_dir).expanduser(), Path(gguf_path).expanduser()
     check_inputs(release, out, overwrite)
     expected = expected_rope(release)
-    script = find_converter(converter)
+    script = preflight(converter, python or sys.executable)
     with staged_file(out) as tmp:
         run_converter(script, release, tmp, outtype, python or sys.executable)
         try:
