@@ -287,6 +287,12 @@ def test_verdict() -> None:
     nothing = retention(10.0, 10.0, {2048: 0.0}, {2048: 0.0}, [2048])
     assert nothing.suite_retention is None
     assert "cannot be measured" in decide({2048: 0.5}, (0.1, "r"), nothing, 2048, 0.97).reasons[0]
+    # SmolLM2-135M: the base's own 0.064 under the floor 0.1: said first, as the real cause
+    weak = decide({2048: 0.0, 8192: 0.03}, (0.1, "floor"), _kept(1.1, 1.0), 16384, 0.97,
+                  base_mean=0.064)
+    assert not weak.passed and weak.reasons[0].startswith("the base itself scores 0.064")
+    assert "cannot certify" in weak.reasons[0]
+    assert not any("base itself" in r for r in worse.reasons)
 
 
 def test_card_section_replaced_not_duplicated() -> None:

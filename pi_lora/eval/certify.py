@@ -190,12 +190,19 @@ class Verdict:
 
 
 def decide(release_means: Mapping[int, float | None], threshold: tuple[float, str],
-           kept: Retention, required_length: int, min_retention: float) -> Verdict:
+           kept: Retention, required_length: int, min_retention: float,
+           base_mean: float | None = None) -> Verdict:
     """Pass when the effective length reaches the required length and both retentions reach
-    `min_retention`; every unmet condition is a reason."""
+    `min_retention`; every unmet condition is a reason. A base that itself scores under the
+    threshold at its own window is named: then no release of it can pass, whatever it learnt."""
     value, rule = threshold
     effective = effective_length(release_means, value)
     reasons = []
+    if base_mean is not None and base_mean < value:
+        reasons.append(f"the base itself scores {base_mean:.3f} at its original window, under "
+                       f"the threshold {value:.3f}: this suite cannot certify a release of it "
+                       "(a model this small barely does the tasks); compare perplexity and "
+                       "passkey (pi-lora eval), or set --threshold knowingly")
     if effective < required_length:
         reasons.append(f"effective length {effective} is below the required {required_length} "
                        f"(suite mean under {value:.3f})")

@@ -346,4 +346,5 @@ def judge(inputs: Inputs, settings: CertifySettings, base: ModelScores, release:
                      base.perplexity and base.perplexity.ppl, release_means, base_means,
                      plan.short_lengths)
     return decide(release_means, threshold, kept, settings.required_length or plan.target,
-                  settings.min_retention)
+                  settings.min_retention,
+                  None if settings.threshold is not None else base_means[plan.original])
