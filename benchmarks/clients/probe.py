@@ -134,7 +134,8 @@ def probe_llamacpp(job: dict[str, Any]) -> dict[str, Any]:
                 type_k=0, type_v=0)  # GGML_TYPE_F32: an f16 KV cache costs ~5e-2 in logprobs
     keys = ("context_length", "rope.scaling.type", "rope.scaling.factor",
             "rope.scaling.original_context_length", "rope.freq_base")
-    meta = {k: llm.metadata.get(f"llama.{k}") for k in keys}
+    arch = llm.metadata.get("general.architecture", "llama")  # its keys are "<arch>.<key>"
+    meta = {"architecture": arch, **{k: llm.metadata.get(f"{arch}.{k}") for k in keys}}
     llm.eval(ids)
     logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
     greedy = []
