@@ -37,6 +37,8 @@ def _training_model(recipe, config):
 @pytest.mark.parametrize("gpus", [8, 4])
 def test_plan_and_train_agree(path: Path, gpus: int) -> None:
     recipe = load_recipe(path)
+    if gpus % recipe.training.sequence_parallel:  # both commands refuse it (own test)
+        pytest.skip(f"sequence_parallel {recipe.training.sequence_parallel} needs a multiple")
     config, _ = config_for_planning(recipe)
     plan = plan_recipe(recipe, get_device("h100-80gb"), gpus=gpus)
     setup = plan.setup
