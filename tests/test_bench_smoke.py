@@ -50,3 +50,13 @@ def test_merge_benchmark_on_a_small_model() -> None:
     old, new = (float(row[k].split()[0]) for k in ("old peak RSS", "new peak RSS"))
     assert 0.2 < new < old < 8  # GiB
     assert float(row["new / old"]) < 1
+
+
+def test_budget_curve_fit_recovers_a_power_law() -> None:
+    """benchmarks.pi_budget_curve: the extrapolation #33's table quotes."""
+    from benchmarks.pi_budget_curve import fit_power_law, steps_to_reach
+
+    a, b = fit_power_law([64, 128, 256], [0.3 * (s / 64) ** -1.0 for s in (64, 128, 256)])
+    assert abs(b + 1.0) < 1e-9 and abs(a * 64**b - 0.3) < 1e-9
+    assert abs(steps_to_reach(a, b, 0.05) - 384) < 1e-6
+    assert steps_to_reach(1.0, 0.2, 0.05) is None  # a curve that rises never gets there
