@@ -233,7 +233,8 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
             continue
         default = field.default if field.default not in (None, [], ()) else None
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = option.help + (f" (default: {shown})" if shown is not None else "")
+        said = "default" in option.help  # the help already says what the default is
+        help_text = option.help + (f" (default: {shown})" if shown is not None and not said else "")
         if option.kind == "choice":
             parser.add_argument(option.flag, choices=typing.get_args(field.annotation),
                                 help=help_text)
