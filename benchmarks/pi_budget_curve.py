@@ -63,15 +63,27 @@ def main(argv: list[str] | None = None) -> int:
     for s, ppl_short, ppl_long in points:
         print(f"| {s} | {s * args.tokens_per_step:,} | {ppl_short:.2f} | "
               f"{ppl_short / base[0]:.3f} | {ppl_long:.2f} |")
-    a, b = fit_power_law(steps, [p[1] / base[0] - 1 for p in points])
+    excess = [p[1] / base[0] - 1 for p in points]
+    a, b = fit_power_law(steps, excess)
     need_short = steps_to_reach(a, b, args.short_target - 1)
     a_long, b_long = fit_power_law(steps, [p[2] for p in points])  # ppl@long itself, falling
     need_long = steps_to_reach(a_long, b_long, yarn[1])
-    for what, need in ((f"ppl@{short} <= {args.short_target:g} x base", need_short),
-                       (f"ppl@{long} < untuned YaRN's {yarn[1]:g}", need_long)):
-        words = "not reached on this trend" if need is None else \
-            f"~{need:,.0f} steps (~{need * args.tokens_per_step / 1e6:.1f}M tokens)"
+    met = (points[-1][1] <= base[0] * args.short_target, points[-1][2] < yarn[1])
+    for (what, need), done in zip(((f"ppl@{short} <= {args.short_target:g} x base", need_short),
+                                   (f"ppl@{long} < untuned YaRN's {yarn[1]:g}", need_long)), met,
+                                  strict=True):
+        if done:
+            words = f"reached by {steps[-1]} steps (measured)"
+        elif need is None or need <= steps[-1]:  # the fit says "already", the data say no
+            words = (f"not reached at {steps[-1]} steps, and the points flatten faster than a "
+                     "power law: no estimate")
+        else:
+            words = f"~{need:,.0f} steps (~{need * args.tokens_per_step / 1e6:.1f}M tokens)"
         print(f"estimate (power law on {len(points)} points, not measured): {what}: {words}")
+    if len(points) >= 2:  # the last doubling alone: how fast the excess still falls
+        rate = excess[-1] / excess[-2]
+        print(f"last interval {steps[-2]} -> {steps[-1]} steps: the excess over the base at "
+              f"{short} went {excess[-2]:.3f} -> {excess[-1]:.3f} (x{rate:.2f})")
 
     import matplotlib
 
