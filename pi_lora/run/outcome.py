@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import sys
 from pathlib import Path
 
 from pi_lora.core.errors import PiLoraError
@@ -65,3 +66,17 @@ def resume_failed(run: RunDir, checkpoint: Path, exc: BaseException) -> PiLoraEr
                        f"({describe_failure(exc)}); the checkpoint may be damaged, and "
                        f"{run.facts_path.name} keeps what it recorded",
                        field="--resume", fix=f"{fix}, or let the run stand as it is")
+
+
+def say_what_is_kept(run: RunDir, step: int, max_steps: int) -> None:
+    """After Ctrl-C: which checkpoint a resume starts from, and what it loses."""
+    last = run.latest_checkpoint()
+    if last is None:
+        print(f"pi-lora: stopped at step {step} of {max_steps} before the first checkpoint "
+              "(training.save_steps): a resume starts from step 0", file=sys.stderr, flush=True)
+        return
+    kept = int(last.name.rsplit("-", 1)[1])
+    lost = "" if step <= kept else (f": step {step} is redone on resume" if step == kept + 1
+                                    else f": steps {kept + 1}-{step} are redone on resume")
+    print(f"pi-lora: stopped at step {step} of {max_steps}; kept {last} (step {kept}){lost}",
+          file=sys.stderr, flush=True)

@@ -41,6 +41,7 @@ from pi_lora.run.outcome import (
     is_disk_full,
     record_failure,
     resume_failed,
+    say_what_is_kept,
 )
 from pi_lora.run.provenance import IdentityJob, software
 from pi_lora.train.arguments import progress_callback, tensorboard_callback, training_arguments
@@ -177,23 +178,9 @@ def _train(recipe: Recipe, run: RunDir, *, resume: bool, overwrite: bool,
         if facts is not None and not run.recorded_failure():  # a divergence says it better
             record_failure(run, facts, trainer.state.global_step, describe_failure(exc))
         if isinstance(exc, KeyboardInterrupt) and is_main:
-            _say_what_is_kept(run, trainer.state.global_step, trainer.state.max_steps)
+            say_what_is_kept(run, trainer.state.global_step, trainer.state.max_steps)
         raise
     return run.path
-
-
-def _say_what_is_kept(run: RunDir, step: int, max_steps: int) -> None:
-    """After Ctrl-C: which checkpoint a resume starts from, and what it loses."""
-    last = run.latest_checkpoint()
-    if last is None:
-        print(f"pi-lora: stopped at step {step} of {max_steps} before the first checkpoint "
-              "(training.save_steps): a resume starts from step 0", file=sys.stderr, flush=True)
-        return
-    kept = _checkpoint_step(last)
-    lost = "" if step <= kept else (f": step {step} is redone on resume" if step == kept + 1
-                                    else f": steps {kept + 1}-{step} are redone on resume")
-    print(f"pi-lora: stopped at step {step} of {max_steps}; kept {last} (step {kept}){lost}",
-          file=sys.stderr, flush=True)
 
 
 def _recorded_facts(run: RunDir) -> RunFacts | None:
