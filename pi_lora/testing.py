@@ -142,11 +142,13 @@ def tiny_config(family: str = "llama", *, vocab_size: int = 384, max_positions: 
 
 def make_tiny_model(out_dir: Path, family: str = "llama", *, max_positions: int = 128,
                     rope_parameters: dict[str, Any] | None = None, seed: int = 0,
-                    tie_word_embeddings: bool = False, **overrides: Any) -> Path:
-    """Save a random tiny causal LM + tokenizer as a normal Hugging Face directory."""
+                    tie_word_embeddings: bool = False, tokenizer: Any | None = None,
+                    **overrides: Any) -> Path:
+    """Save a random tiny causal LM + tokenizer (ours unless one is given) as a normal Hugging
+    Face directory."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = make_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
     config = tiny_config(family, vocab_size=len(tokenizer), max_positions=max_positions,
                          rope_parameters=rope_parameters, **overrides)
     config.tie_word_embeddings = tie_word_embeddings

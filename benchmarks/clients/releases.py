@@ -86,22 +86,16 @@ QWEN3_SHAPE: dict[str, Any] = {"hidden_size": 256, "intermediate_size": 512, "nu
 def qwen3_base(out: Path, tokenizer: Any, original_context: int = 512, seed: int = 0) -> Path:
     """A random Qwen3 with `tokenizer`, saved as a Hugging Face directory: YaRN x4 from
     `original_context`, max_position_embeddings a quarter more (Qwen3's 40960 = 32768 + 8192)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from pi_lora.testing import tiny_config
+    from pi_lora.testing import make_tiny_model
 
     rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
             "original_max_position_embeddings": original_context}
-    config = tiny_config("qwen3", vocab_size=len(tokenizer), max_positions=original_context * 5 // 4,
-                         rope_parameters=rope, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **QWEN3_SHAPE)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    return out
+    shape = {k: v for k, v in QWEN3_SHAPE.items() if k != "tie_word_embeddings"}
+    return make_tiny_model(out, "qwen3", max_positions=original_context * 5 // 4,
+                           rope_parameters=rope, seed=seed, tokenizer=tokenizer,
+                           tie_word_embeddings=QWEN3_SHAPE["tie_word_embeddings"],
+                           bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, **shape)
 
 
 def smollm2_tokenizer() -> Any:
